@@ -1,0 +1,1 @@
+"""Fisher scoring, FI-Ratio decisions and the expansion controller."""

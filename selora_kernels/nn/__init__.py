@@ -1,0 +1,1 @@
+"""SeLoRALinear and the batched growth of its capacity buffers."""

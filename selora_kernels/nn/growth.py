@@ -1,0 +1,75 @@
+"""Batched expansion of many SeLoRALinear modules: one extension call for the slot writes, one per
+capacity class for growth past capacity (parameters, their gradients and optimizer state together)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional, Sequence
+
+import torch
+
+from ..config import next_capacity
+from ..ops.capacity import expand_slots_, grow_capacity_
+from ..optim.state_growth import check_supported, reset_state_, state_tensors
+from .selora_linear import SeLoRALinear
+
+
+def _fresh_seed() -> int:
+    """A seed drawn from torch's global generator, so torch.manual_seed makes expansions reproducible."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def grow_modules_(modules: Sequence[SeLoRALinear], new_capacity: int, optimizer=None,
+                  backend: str = "auto") -> None:
+    """Grows the capacity of `modules` in place to `new_capacity`: A, B, their .grad and optimizer state."""
+    tensors, dims = [], []
+    for module in modules:
+        for param, dim in ((module.lora_A, 0), (module.lora_B, 1)):
+            tensors.append(param)
+            dims.append(dim)
+            if param.grad is not None:
+                tensors.append(param.grad)
+                dims.append(dim)
+            if optimizer is not None:
+                for state_tensor, state_dim in state_tensors(optimizer, param):
+                    tensors.append(state_tensor)
+                    dims.append(state_dim)
+        module._fisher_probe = None  # its shape follows the capacity; measuring restarts after growth
+    grow_capacity_(tensors, dims, new_capacity, backend=backend)
+
+
+def expand_modules(modules: Sequence[SeLoRALinear], optimizer=None, seed: Optional[int] = None,
+                   reset_optimizer_state: bool = False, backend: str = "auto") -> None:
+    """Expands every module by one slot: trial row adopted as row `rank` of A, zero column of B, next
+    trial rows drawn from one generator seeded with `seed` (Kaiming-uniform, in list order).
+
+    reset_optimizer_state: zero the whole optimizer state of these modules (the released script's rule).
+    """
+    modules = list(modules)
+    if not modules:
+        return
+    for module in modules:
+        if not isinstance(module, SeLoRALinear):
+            raise TypeError(f"expand_modules takes SeLoRALinear modules, got {type(module).__name__}")
+    if len({id(m) for m in modules}) != len(modules):
+        raise ValueError("expand_modules got the same module twice")
+    if optimizer is not None:
+        check_supported(optimizer)
+    full = defaultdict(list)
+    for module in modules:
+        if module.rank >= module.capacity:
+            full[next_capacity(module.capacity)].append(module)
+    for new_capacity, group in full.items():
+        grow_modules_(group, new_capacity, optimizer, backend=backend)
+    ranks = [m.rank for m in modules]
+    old_scales = [m.scale for m in modules]
+    expand_slots_([m.lora_A for m in modules], [m.lora_B for m in modules], [m.trial_row for m in modules],
+                  [m.live_rank for m in modules], ranks, _fresh_seed() if seed is None else seed,
+                  backend=backend)
+    for module, rank, old_scale in zip(modules, ranks, old_scales):
+        module._rank = rank + 1
+        if module.scaling == "alpha_over_r":
+            module.scale = module.alpha / module._rank
+            with torch.no_grad():
+                module.lora_B.mul_(old_scale / module.scale)
+    if reset_optimizer_state and optimizer is not None:
+        reset_state_(optimizer, [p for m in modules for p in (m.lora_A, m.lora_B)])

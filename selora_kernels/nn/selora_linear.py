@@ -1,0 +1,259 @@
+"""SeLoRALinear: a drop-in nn.Linear with a frozen base and a growing low-rank adapter.
+
+    y = x W0^T + b0 + s (x A^T) B^T
+
+A (capacity x in) and B (out x capacity) are Parameters whose first `rank` slots are live; dead slots are
+exactly zero and get exactly zero gradient, so no optimizer moves them. The next row K of A (the trial row)
+lives in a buffer outside the Parameter, so neither the optimizer nor weight decay can touch it.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from ..config import validate_adapter_options
+from ..ops.reference import FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT, FISHER_ROWS, fisher_dtype
+from ..ops.selora_linear import selora_linear
+
+
+class FisherScores(NamedTuple):
+    """FI-Scores (eq. 4, Fisher in the eq.-3 scale) of one module and their ratio (expanded / original)."""
+
+    original: float
+    expanded: float
+    ratio: float
+    samples: int
+
+
+def kaiming_bound(fan_in: int) -> float:
+    """Bound of Kaiming-uniform with a = 0 (gain sqrt(2)): sqrt(6 / fan_in)."""
+    return math.sqrt(6.0 / fan_in)
+
+
+def fi_ratio(original: float, expanded: float) -> float:
+    """expanded / original, with 0/0 -> 1 (nothing measured: never expand) and x/0 -> inf."""
+    if original > 0:
+        return expanded / original
+    return math.inf if expanded > 0 else 1.0
+
+
+class SeLoRALinear(nn.Module):
+    """nn.Linear with a frozen base (W0, b0) and a SeLoRA adapter of run-time rank.
+
+    Options: r_init (>= 1), alpha, capacity (slots allocated; default the smallest 16k - 1 >= r_init),
+    scaling ("fixed_init": s = alpha / r_init for life, the released code; "alpha_over_r": s = alpha / r,
+    B rescaled at each growth so the output does not jump). adapter_dtype defaults to the base dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r_init: int = 1,
+                 alpha: float = 8.0, capacity: Optional[int] = None, scaling: str = "fixed_init",
+                 device=None, dtype=None, adapter_dtype=None):
+        super().__init__()
+        for label, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be a positive int, got {value!r}")
+        capacity = validate_adapter_options(r_init, alpha, capacity, scaling)
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_from_base(base.weight, base.bias, r_init, float(alpha), capacity, scaling, adapter_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, *, r_init: int = 1, alpha: float = 8.0,
+                    capacity: Optional[int] = None, scaling: str = "fixed_init", adapter_dtype=None,
+                    name: Optional[str] = None) -> "SeLoRALinear":
+        """Wraps an existing nn.Linear, sharing (and freezing) its weight and bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SeLoRALinear.from_linear needs an nn.Linear base"
+                            f"{f' for {name}' if name else ''}, got {type(linear).__name__}")
+        capacity = validate_adapter_options(r_init, alpha, capacity, scaling)
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._init_from_base(linear.weight, linear.bias, r_init, float(alpha), capacity, scaling,
+                               adapter_dtype)
+        if name is not None:
+            module.selora_name = name
+        return module
+
+    def _init_from_base(self, weight, bias, r_init, alpha, capacity, scaling, adapter_dtype):
+        out_features, in_features = weight.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.r_init, self.alpha, self.scaling = r_init, alpha, scaling
+        self.scale = alpha / r_init
+        self.selora_name = f"SeLoRALinear({in_features}->{out_features})"
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.weight.requires_grad_(False)
+        if bias is not None:
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+            self.bias.requires_grad_(False)
+        else:
+            self.register_parameter("bias", None)
+        factory = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
+        self.lora_A = nn.Parameter(torch.zeros(capacity, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, capacity, **factory))
+        self.register_buffer("live_rank", torch.tensor(r_init, dtype=torch.int64, device=weight.device))
+        self.register_buffer("trial_row", torch.empty(in_features, **factory))
+        self._rank = r_init  # host mirror of live_rank: no device sync to read the rank
+        self._fisher_probe: Optional[torch.Tensor] = None
+        self._per_sample_reduction = "mean"
+        bound = kaiming_bound(in_features)
+        with torch.no_grad():
+            self.lora_A[:r_init].uniform_(-bound, bound)
+            self.trial_row.uniform_(-bound, bound)
+        self._tag_adapter_parameters()
+
+    def _tag_adapter_parameters(self):
+        owner = weakref.ref(self)
+        for param, slot_dim in ((self.lora_A, 0), (self.lora_B, 1)):
+            param._selora_slot_dim = slot_dim
+            param._selora_owner = owner
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def capacity(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def measuring(self) -> bool:
+        return self._fisher_probe is not None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, rank={self.rank}, capacity={self.capacity}, "
+                f"scale={self.scale:g}, scaling={self.scaling!r}")
+
+    # ---------------------------------------------------------------- forward
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"{self.selora_name}: input dtype {x.dtype} does not match the base weight dtype "
+                            f"{self.weight.dtype} (cast the input, or run under torch.autocast)")
+        return x.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.selora_name}: expected input of shape (..., {self.in_features}), "
+                             f"got {tuple(x.shape)}")
+        dtype = self._compute_dtype(x)
+        num_samples = x.shape[0] if x.dim() > 1 else 1
+        probe = self._fisher_probe
+        if probe is not None and torch.is_grad_enabled():
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{self.selora_name}: non-finite values in the input while measuring Fisher")
+            multiplier = float(num_samples) if self._per_sample_reduction == "mean" else 1.0
+        else:
+            probe, multiplier = None, 1.0
+        flat = x.reshape(-1, self.in_features).to(dtype)
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        y = selora_linear(flat, self.weight.to(dtype), bias, self.lora_A.to(dtype), self.lora_B.to(dtype),
+                          self.trial_row.to(dtype), self.live_rank, probe, self.scale, num_samples,
+                          multiplier, probe is not None)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    # ---------------------------------------------------------------- Fisher
+    def start_measuring(self, reduction: str = "mean") -> None:
+        """Accumulate per-sample Fisher of live slots and the trial slot in every following backward.
+
+        reduction: how the training loss reduces over the batch ("mean" or "sum"): the backward sees the
+        batch-loss gradient, and per-sample gradients are N x (mean) or 1 x (sum) its slices.
+        """
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self._per_sample_reduction = reduction
+        self._fisher_probe = torch.zeros(FISHER_ROWS, self.capacity + 1, device=self.lora_A.device,
+                                         dtype=fisher_dtype(self.lora_A.dtype), requires_grad=True)
+
+    def stop_measuring(self) -> None:
+        self._fisher_probe = None
+
+    def fisher_statistics(self) -> torch.Tensor:
+        """(3, capacity + 1) sums of squared per-sample gradients; see ops.reference for the layout."""
+        if self._fisher_probe is None:
+            raise RuntimeError(f"{self.selora_name} is not measuring Fisher: call start_measuring() first")
+        grad = self._fisher_probe.grad
+        return grad.detach().clone() if grad is not None else torch.zeros_like(self._fisher_probe.detach())
+
+    def fisher_scores(self, statistics: Optional[torch.Tensor] = None) -> FisherScores:
+        """FI-Score of the module and of its expansion by the trial slot, and FI-Ratio."""
+        stats = self.fisher_statistics() if statistics is None else statistics
+        return scores_from_statistics(stats, self.rank)
+
+    # ---------------------------------------------------------------- growth
+    def expand(self, optimizer=None, seed: Optional[int] = None) -> None:
+        """Adopts the trial row as live slot `rank` (zero B column), draws the next trial row.
+
+        Output is bit-identical before and after. Past capacity, the buffers (and the optimizer's state
+        for them) grow in place.
+        """
+        from .growth import expand_modules
+
+        expand_modules([self], optimizer=optimizer, seed=seed)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + s B A over the live slots, in the base dtype (for merging into the base for inference)."""
+        r = self.rank
+        delta = self.scale * (self.lora_B[:, :r].double() @ self.lora_A[:r].double())
+        return (self.weight.double() + delta).to(self.weight.dtype)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear with the adapter merged into its weight."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.merged_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    # ---------------------------------------------------------------- state dict
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key_a, key_b, key_rank = prefix + "lora_A", prefix + "lora_B", prefix + "live_rank"
+        if key_a in state_dict and key_b in state_dict and key_rank in state_dict:
+            saved_a, saved_b = state_dict[key_a], state_dict[key_b]
+            saved_rank = int(state_dict[key_rank])
+            check_saved_adapter(self.selora_name, saved_a, saved_b, saved_rank,
+                                self.in_features, self.out_features)
+            if saved_a.shape[0] != self.capacity:
+                self._reallocate_capacity(saved_a.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._rank = int(self.live_rank)
+
+    def _reallocate_capacity(self, capacity: int) -> None:
+        with torch.no_grad():
+            self.lora_A.data = self.lora_A.new_zeros(capacity, self.in_features)
+            self.lora_B.data = self.lora_B.new_zeros(self.out_features, capacity)
+        self._fisher_probe = None
+
+
+def check_saved_adapter(name, lora_a, lora_b, rank, in_features, out_features) -> None:
+    """Raises ValueError when a saved adapter's rank disagrees with its tensors or the module."""
+    if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[1] != in_features \
+            or lora_b.shape[0] != out_features or lora_a.shape[0] != lora_b.shape[1]:
+        raise ValueError(f"{name}: saved adapter shapes A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} do not "
+                         f"fit a module with in={in_features}, out={out_features}")
+    capacity = lora_a.shape[0]
+    if not 1 <= rank <= capacity:
+        raise ValueError(f"{name}: saved rank {rank} is outside 1..{capacity} (the saved capacity)")
+    if bool(lora_a[rank:].any()) or bool(lora_b[:, rank:].any()):
+        raise ValueError(f"{name}: saved rank is {rank} but slots beyond it are non-zero: the state dict's "
+                         f"ranks disagree with its adapter tensors")
+
+
+def scores_from_statistics(stats: torch.Tensor, rank: int) -> FisherScores:
+    """FisherScores from a (3, capacity + 1) statistics tensor at live rank `rank`."""
+    samples = float(stats[FISHER_ROW_COUNT, 0])
+    if samples <= 0:
+        return FisherScores(0.0, 0.0, 1.0, 0)
+    per_slot = (stats[FISHER_ROW_A] + stats[FISHER_ROW_B]).double() / samples
+    original = float(per_slot[:rank].sum())
+    expanded = original + float(per_slot[-1])
+    return FisherScores(original, expanded, fi_ratio(original, expanded), int(samples))

@@ -1,0 +1,1 @@
+"""torch.library ops and the Python API of the compiled extension."""

@@ -1,0 +1,121 @@
+"""Plain PyTorch math of the SeLoRA linear: the CPU implementation and the oracle of every kernel.
+
+Notation (SELORA_SPEC.md section 1-2): frozen W0 (out x in), b0; capacity buffers A (cap x in),
+B (out x cap) whose first `live_rank` slots are live and the rest exactly zero; scale s; a trial slot
+(row K = `trial_row` in A, a zero column in B) that exists only while Fisher is measured.
+
+    y      = x W0^T + b0 + s (x A^T) B^T
+    dx     = dy W0 + s (dy B) A
+    dA     = s (dy B)^T x          dB = s dy^T (x A^T)
+
+Per-sample Fisher: rows of the flattened input are grouped into `num_samples` equal contiguous segments
+(the leading batch index of the module input). With P = dy B_ext and U = x A_ext^T over the live slots plus
+the trial slot, sample i contributes dA_i = s P_i^T X_i and dB_i = s dY_i^T U_i. The backward receives
+the gradient of the *batch* loss, so each per-sample gradient is `per_sample_multiplier` x its slice
+(N for a mean-reduced loss, 1 for a sum).
+
+All low-rank intermediates and every Fisher partial are kept in fp32 (float64 stays float64), whatever the
+input dtype: a bf16 `x A^T` is the precision bug KERNEL_NOTES section 2 records.
+
+Shapes never depend on the live rank: the products run over the whole capacity, so a growth within
+capacity changes no shape and the output is bit-identical before and after (the new B column is zero).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# Rows of the Fisher statistics tensor returned by the backward, shape (3, capacity + 1):
+# column k < capacity is slot k, column `capacity` is the trial slot.
+FISHER_ROW_A = 0  # sum over samples of ||dL_i/dA[k, :]||^2
+FISHER_ROW_B = 1  # sum over samples of ||dL_i/dB[:, k]||^2
+FISHER_ROW_COUNT = 2  # column 0: number of samples accumulated
+FISHER_ROWS = 3
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types, the dtype itself for fp32/fp64."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def fisher_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Fisher statistics are fp32, or fp64 for fp64 inputs (the oracle tests)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def live_slot_mask(live_rank: torch.Tensor, capacity: int, dtype: torch.dtype) -> torch.Tensor:
+    """1 for slots < live_rank, 0 for dead slots; computed on the device, no host sync."""
+    slots = torch.arange(capacity, device=live_rank.device)
+    return (slots < live_rank).to(dtype)
+
+
+def forward_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """y = x W0^T + b0 + s (x A^T) B^T for 2-D x (M x in)."""
+    acc = accumulation_dtype(x.dtype)
+    low_rank = F.linear(x.to(acc), lora_a.to(acc))  # (M, cap); dead slots give exact zeros
+    base = F.linear(x, weight, bias)
+    if acc == x.dtype:
+        return base.addmm_(low_rank, lora_b.t(), alpha=scale)
+    return base.to(acc).addmm_(low_rank, lora_b.to(acc).t(), alpha=scale).to(x.dtype)
+
+
+def backward_reference(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                       lora_a: torch.Tensor, lora_b: torch.Tensor, trial_row: torch.Tensor,
+                       live_rank: torch.Tensor, scale: float, num_samples: int,
+                       per_sample_multiplier: float, measuring: bool, compute_grad_x: bool):
+    """Returns (grad_x, grad_a, grad_b, fisher_stats).
+
+    grad_x is an empty tensor when not requested; fisher_stats is (3, capacity + 1) fp32 (zeros when not
+    measuring). Dead slots get exactly zero gradient whatever their contents.
+    """
+    acc = accumulation_dtype(x.dtype)
+    capacity = lora_a.shape[0]
+    g = grad_y.to(acc)
+    xa = x.to(acc)
+    a = lora_a.to(acc)
+    b = lora_b.to(acc)
+    mask = live_slot_mask(live_rank, capacity, acc)
+    proj_grad = g @ b  # P = dy B, (M, cap)
+    low_rank = xa @ a.t()  # U = x A^T, (M, cap)
+    grad_a = (proj_grad.t() @ xa).mul_(scale * mask[:, None])
+    grad_b = (g.t() @ low_rank).mul_(scale * mask[None, :])
+    if compute_grad_x:
+        grad_x = F.linear(grad_y, weight.t()).to(acc).addmm_(proj_grad * mask, a, alpha=scale).to(x.dtype)
+    else:
+        grad_x = x.new_empty(0)
+    fisher = torch.zeros(FISHER_ROWS, capacity + 1, dtype=fisher_dtype(x.dtype), device=x.device)
+    if measuring:
+        fisher = per_sample_fisher(g, xa, proj_grad, low_rank, a, b, trial_row.to(acc), mask, scale,
+                                   num_samples, per_sample_multiplier)
+    return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), fisher
+
+
+def per_sample_fisher(g: torch.Tensor, x: torch.Tensor, proj_grad: torch.Tensor, low_rank: torch.Tensor,
+                      a: torch.Tensor, b: torch.Tensor, trial_row: torch.Tensor, mask: torch.Tensor,
+                      scale: float, num_samples: int, per_sample_multiplier: float) -> torch.Tensor:
+    """Sums over samples of squared per-sample gradients, per slot (live slots + trial slot).
+
+    The trial slot has A row = trial_row and a zero B column, so its P column is zero (its A-gradient
+    is exactly zero) and its U column is x trial_row.
+    """
+    capacity = a.shape[0]
+    rows = x.shape[0]
+    if rows % num_samples:
+        raise ValueError(f"{rows} input rows cannot be split into {num_samples} samples")
+    tokens = rows // num_samples
+    trial_u = x @ trial_row  # (M,)
+    p_ext = torch.cat([proj_grad * mask, torch.zeros_like(trial_u)[:, None]], dim=1)  # (M, cap+1)
+    u_ext = torch.cat([low_rank * mask, trial_u[:, None]], dim=1)
+    x_s = x.reshape(num_samples, tokens, -1)
+    g_s = g.reshape(num_samples, tokens, -1)
+    factor = scale * per_sample_multiplier
+    grad_a_per_sample = factor * torch.einsum("nlr,nli->nri", p_ext.reshape(num_samples, tokens, -1), x_s)
+    grad_b_per_sample = factor * torch.einsum("nlo,nlr->nor", g_s, u_ext.reshape(num_samples, tokens, -1))
+    fisher = torch.zeros(FISHER_ROWS, capacity + 1, dtype=fisher_dtype(x.dtype), device=x.device)
+    fisher[FISHER_ROW_A] = grad_a_per_sample.square().sum(dim=(0, 2))
+    fisher[FISHER_ROW_B] = grad_b_per_sample.square().sum(dim=(0, 1))
+    fisher[FISHER_ROW_COUNT, 0] = num_samples
+    return fisher

@@ -1,0 +1,1 @@
+"""Optimizers that know capacity buffers, and the growth of their state."""

@@ -1,0 +1,103 @@
+"""AdamW that knows capacity buffers: one step counter per slot.
+
+torch's Adam keeps one `step` per Parameter, so a slot that goes live at step k would get the bias
+corrections of step k: its first updates come out 3-6x too large (KERNEL_NOTES section 7). Here every slot
+of an adapter buffer counts its own steps from the moment it goes live, so a slot grown at step k moves
+exactly as a fresh Adam would. Dead slots are never touched (no moments, no decay, no update).
+
+Adapter Parameters are recognised by two attributes SeLoRALinear sets on them: `_selora_slot_dim` (0 for A,
+1 for B) and `_selora_owner` (a weak reference to an object with a `live_rank` 0-d int64 tensor). Any other
+Parameter gets the ordinary AdamW update. With weight_decay=0 this is Adam.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..ops.capacity import adam_step_
+
+
+def slot_dim_of(param: torch.Tensor):
+    """The slot dimension of a SeLoRA capacity buffer, or None for any other tensor."""
+    return getattr(param, "_selora_slot_dim", None)
+
+
+def live_rank_of(param: torch.Tensor) -> torch.Tensor:
+    owner = param._selora_owner()
+    if owner is None:
+        raise RuntimeError("the SeLoRA module owning this parameter no longer exists")
+    return owner.live_rank
+
+
+class SeLoRAAdamW(torch.optim.Optimizer):
+    """AdamW with per-slot step counts for SeLoRA adapter buffers (fused in the C++ extension)."""
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        if not 0.0 <= lr:
+            raise ValueError(f"invalid learning rate {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas {betas}")
+        if not 0.0 <= eps:
+            raise ValueError(f"invalid eps {eps}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"invalid weight_decay {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def _slot_state(self, param):
+        state = self.state[param]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["slot_steps"] = torch.zeros(param.shape[slot_dim_of(param)], dtype=torch.float32,
+                                              device=param.device)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            buffers = {key: [] for key in ("params", "grads", "exp_avgs", "exp_avg_sqs", "slot_steps",
+                                           "live_ranks", "slot_dims")}
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError("SeLoRAAdamW does not support sparse gradients")
+                dim = slot_dim_of(param)
+                if dim is None:
+                    self._plain_adamw(param, lr, beta1, beta2, eps, wd)
+                    continue
+                state = self._slot_state(param)
+                buffers["params"].append(param)
+                buffers["grads"].append(param.grad)
+                buffers["exp_avgs"].append(state["exp_avg"])
+                buffers["exp_avg_sqs"].append(state["exp_avg_sq"])
+                buffers["slot_steps"].append(state["slot_steps"])
+                buffers["live_ranks"].append(live_rank_of(param))
+                buffers["slot_dims"].append(dim)
+            if buffers["params"]:
+                adam_step_(buffers["params"], buffers["grads"], buffers["exp_avgs"], buffers["exp_avg_sqs"],
+                           buffers["slot_steps"], buffers["live_ranks"], buffers["slot_dims"],
+                           lr, beta1, beta2, eps, wd)
+        return loss
+
+    def _plain_adamw(self, param, lr, beta1, beta2, eps, wd):
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"] += 1
+        step = float(state["step"])
+        grad = param.grad
+        param.mul_(1 - lr * wd)
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+        param.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** step))
