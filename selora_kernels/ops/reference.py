@@ -51,15 +51,37 @@ def live_slot_mask(live_rank: torch.Tensor, capacity: int, dtype: torch.dtype) -
     return (slots < live_rank).to(dtype)
 
 
+# The slots are reduced in two fixed blocks, [0, FIRST_SLOT_BLOCK) and [FIRST_SLOT_BLOCK, capacity): a
+# block with no live slot is skipped when the live rank is known on the host (CPU), and a growth either
+# stays inside a block (same shapes) or adds a block whose new B column is zero (adds exact zeros), so the
+# output stays bit-identical across a growth while low ranks cost only a 4-wide product.
+FIRST_SLOT_BLOCK = 4
+
+
+def host_live_rank(live_rank: torch.Tensor) -> Optional[int]:
+    """The live rank as an int when it lives on the CPU (free to read); None on a device (no sync)."""
+    return int(live_rank) if live_rank.device.type == "cpu" else None
+
+
+def _slot_blocks(capacity: int, live_rank: Optional[int]):
+    if live_rank is None or capacity <= FIRST_SLOT_BLOCK:
+        return [(0, capacity)]
+    if live_rank <= FIRST_SLOT_BLOCK:
+        return [(0, FIRST_SLOT_BLOCK)]
+    return [(0, FIRST_SLOT_BLOCK), (FIRST_SLOT_BLOCK, capacity)]
+
+
 def forward_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """y = x W0^T + b0 + s (x A^T) B^T for 2-D x (M x in)."""
+                      lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                      live_rank: Optional[int] = None) -> torch.Tensor:
+    """y = x W0^T + b0 + s (x A^T) B^T for 2-D x (M x in); `live_rank` (host int) lets dead blocks be skipped."""
     acc = accumulation_dtype(x.dtype)
-    low_rank = F.linear(x.to(acc), lora_a.to(acc))  # (M, cap); dead slots give exact zeros
-    base = F.linear(x, weight, bias)
-    if acc == x.dtype:
-        return base.addmm_(low_rank, lora_b.t(), alpha=scale)
-    return base.to(acc).addmm_(low_rank, lora_b.to(acc).t(), alpha=scale).to(x.dtype)
+    y = F.linear(x, weight, bias).to(acc)
+    xa = x.to(acc)
+    for start, stop in _slot_blocks(lora_a.shape[0], live_rank):
+        low_rank = F.linear(xa, lora_a[start:stop].to(acc))  # dead slots give exact zeros
+        y.addmm_(low_rank, lora_b[:, start:stop].to(acc).t(), alpha=scale)
+    return y.to(x.dtype)
 
 
 def backward_reference(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -69,53 +91,64 @@ def backward_reference(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     """Returns (grad_x, grad_a, grad_b, fisher_stats).
 
     grad_x is an empty tensor when not requested; fisher_stats is (3, capacity + 1) fp32 (zeros when not
-    measuring). Dead slots get exactly zero gradient whatever their contents.
+    measuring). Dead slots get exactly zero gradient whatever their contents: on the CPU only the live
+    slots are computed, on a device every slot is computed and the dead ones masked (no host sync).
     """
     acc = accumulation_dtype(x.dtype)
     capacity = lora_a.shape[0]
+    live = host_live_rank(live_rank)
+    slots = capacity if live is None else min(live, capacity)
     g = grad_y.to(acc)
     xa = x.to(acc)
-    a = lora_a.to(acc)
-    b = lora_b.to(acc)
-    mask = live_slot_mask(live_rank, capacity, acc)
-    proj_grad = g @ b  # P = dy B, (M, cap)
-    low_rank = xa @ a.t()  # U = x A^T, (M, cap)
-    grad_a = (proj_grad.t() @ xa).mul_(scale * mask[:, None])
-    grad_b = (g.t() @ low_rank).mul_(scale * mask[None, :])
+    a = lora_a[:slots].to(acc)
+    b = lora_b[:, :slots].to(acc)
+    proj_grad = g @ b  # P = dy B, (M, slots)
+    low_rank = xa @ a.t()  # U = x A^T, (M, slots)
+    if live is None:
+        mask = live_slot_mask(live_rank, capacity, acc)
+        proj_grad.mul_(mask)
+        low_rank.mul_(mask)
+    grad_a = lora_a.new_zeros(lora_a.shape, dtype=acc)
+    grad_b = lora_b.new_zeros(lora_b.shape, dtype=acc)
+    torch.mm(proj_grad.t(), xa, out=grad_a[:slots]).mul_(scale)
+    grad_b[:, :slots] = (g.t() @ low_rank).mul_(scale)
     if compute_grad_x:
-        grad_x = F.linear(grad_y, weight.t()).to(acc).addmm_(proj_grad * mask, a, alpha=scale).to(x.dtype)
+        grad_x = F.linear(grad_y, weight.t()).to(acc).addmm_(proj_grad, a, alpha=scale).to(x.dtype)
     else:
         grad_x = x.new_empty(0)
     fisher = torch.zeros(FISHER_ROWS, capacity + 1, dtype=fisher_dtype(x.dtype), device=x.device)
     if measuring:
-        fisher = per_sample_fisher(g, xa, proj_grad, low_rank, a, b, trial_row.to(acc), mask, scale,
-                                   num_samples, per_sample_multiplier)
+        per_sample_fisher(fisher, g, xa, proj_grad, low_rank, trial_row.to(acc), scale, num_samples,
+                          per_sample_multiplier)
     return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), fisher
 
 
-def per_sample_fisher(g: torch.Tensor, x: torch.Tensor, proj_grad: torch.Tensor, low_rank: torch.Tensor,
-                      a: torch.Tensor, b: torch.Tensor, trial_row: torch.Tensor, mask: torch.Tensor,
-                      scale: float, num_samples: int, per_sample_multiplier: float) -> torch.Tensor:
-    """Sums over samples of squared per-sample gradients, per slot (live slots + trial slot).
+def per_sample_fisher(fisher: torch.Tensor, g: torch.Tensor, x: torch.Tensor, proj_grad: torch.Tensor,
+                      low_rank: torch.Tensor, trial_row: torch.Tensor, scale: float, num_samples: int,
+                      per_sample_multiplier: float) -> torch.Tensor:
+    """Writes into `fisher` (3, capacity + 1) the sums over samples of squared per-sample gradients of the
+    first `proj_grad.shape[1]` slots (dead ones already zeroed) and of the trial slot (last column).
 
     The trial slot has A row = trial_row and a zero B column, so its P column is zero (its A-gradient
     is exactly zero) and its U column is x trial_row.
     """
-    capacity = a.shape[0]
-    rows = x.shape[0]
+    rows, slots = proj_grad.shape
     if rows % num_samples:
         raise ValueError(f"{rows} input rows cannot be split into {num_samples} samples")
     tokens = rows // num_samples
     trial_u = x @ trial_row  # (M,)
-    p_ext = torch.cat([proj_grad * mask, torch.zeros_like(trial_u)[:, None]], dim=1)  # (M, cap+1)
-    u_ext = torch.cat([low_rank * mask, trial_u[:, None]], dim=1)
+    p_ext = torch.cat([proj_grad, torch.zeros_like(trial_u)[:, None]], dim=1)  # (M, slots + 1)
+    u_ext = torch.cat([low_rank, trial_u[:, None]], dim=1)
     x_s = x.reshape(num_samples, tokens, -1)
     g_s = g.reshape(num_samples, tokens, -1)
     factor = scale * per_sample_multiplier
     grad_a_per_sample = factor * torch.einsum("nlr,nli->nri", p_ext.reshape(num_samples, tokens, -1), x_s)
     grad_b_per_sample = factor * torch.einsum("nlo,nlr->nor", g_s, u_ext.reshape(num_samples, tokens, -1))
-    fisher = torch.zeros(FISHER_ROWS, capacity + 1, dtype=fisher_dtype(x.dtype), device=x.device)
-    fisher[FISHER_ROW_A] = grad_a_per_sample.square().sum(dim=(0, 2))
-    fisher[FISHER_ROW_B] = grad_b_per_sample.square().sum(dim=(0, 1))
+    fisher_a = grad_a_per_sample.square().sum(dim=(0, 2))
+    fisher_b = grad_b_per_sample.square().sum(dim=(0, 1))
+    fisher[FISHER_ROW_A, :slots] = fisher_a[:slots]
+    fisher[FISHER_ROW_B, :slots] = fisher_b[:slots]
+    fisher[FISHER_ROW_A, -1] = fisher_a[-1]
+    fisher[FISHER_ROW_B, -1] = fisher_b[-1]
     fisher[FISHER_ROW_COUNT, 0] = num_samples
     return fisher

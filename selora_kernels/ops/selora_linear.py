@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import FISHER_ROWS, backward_reference, fisher_dtype, forward_reference
+from .reference import FISHER_ROWS, backward_reference, fisher_dtype, forward_reference, host_live_rank
 
 
 @torch.library.custom_op("selora::linear", mutates_args=())
@@ -27,7 +27,7 @@ def selora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Ten
                   trial_row: Tensor, live_rank: Tensor, fisher_probe: Optional[Tensor], scale: float,
                   num_samples: int, per_sample_multiplier: float, measuring: bool) -> Tensor:
     with torch.autocast(x.device.type, enabled=False):  # the caller already chose the compute dtype
-        return forward_reference(x, weight, bias, lora_a, lora_b, scale)
+        return forward_reference(x, weight, bias, lora_a, lora_b, scale, host_live_rank(live_rank))
 
 
 @selora_linear.register_fake
@@ -80,3 +80,4 @@ def _backward(ctx, grad_y):
 
 
 selora_linear.register_autograd(_backward, setup_context=_setup_context)
+from . import cuda_impl  # noqa: E402,F401  (registers GPU kernels)

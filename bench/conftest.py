@@ -1,0 +1,543 @@
+"""Benchmark harness of selora_kernels (KERNEL_NOTES sections 8 and 9.11).
+
+    pytest bench/                     # collected, every case SKIPPED (seconds): benchmarks are opt-in
+    pytest bench/ --benchmark         # run them (same as --benchmark-enable)
+
+What one case does: build our path and its baselines on the same inputs, time them in the same process
+(interleaved rounds on the CPU, ``triton.testing.do_bench`` medians on a GPU), record each baseline's time,
+the ratio ours / baseline, which implementation path ran, and the issue's targets as data (met / missed).
+Timings are never asserted. At session end (and after every case, so a killed run keeps its cases) the
+results go to ``bench/results/bench_<device-slug>_<timestamp>.json``.
+
+Environment:
+    SELORA_BENCH_RESULTS_DIR   where the JSON goes (default bench/results)
+    SELORA_BENCH_BUDGET_S      wall-clock budget of the session in seconds: cases that start after it are
+                               skipped ("budget"), so a time-boxed GPU call still writes its JSON
+    SELORA_BENCH_DEVICES       "cpu", "cuda" or "cpu,cuda" (default: cpu, plus cuda when available)
+    SELORA_BENCH_QUICK=1       fewer rounds (smoke runs)
+    SELORA_GIT_COMMIT          commit to record when the tree has no .git (a copied working tree)
+    SELORA_BENCH_CPU_THREADS   torch threads for the CPU cases (default 1: per-layer timings that other
+                               processes on a shared machine disturb least; 0 = torch's default)
+
+The ``benchmark`` fixture of pytest-benchmark receives our path's round samples and the whole case as
+``extra_info``, so ``--benchmark-json`` and its table work too; the ratios come from our harness, whose
+timer is the same for our path and every baseline.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+SKIP_REASON = "benchmarks run only with `pytest bench/ --benchmark` (or --benchmark-enable)"
+SCHEMA = "selora_kernels.bench/1"
+
+
+# ------------------------------------------------------------------------------------------------ options
+def pytest_addoption(parser):
+    group = parser.getgroup("selora-bench", "selora_kernels benchmarks")
+    group.addoption("--benchmark", action="store_true", default=False, dest="selora_benchmark",
+                    help="run the selora_kernels benchmarks in bench/ (otherwise they are skipped)")
+
+
+def _enabled(config) -> bool:
+    return bool(config.getoption("selora_benchmark", False) or config.getoption("benchmark_enable", False)
+                or config.getoption("benchmark_only", False))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark's own (trylast) pytest_configure reads the options
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: benchmark case that needs a CUDA device")
+    config._selora_bench_enabled = _enabled(config)
+    if config._selora_bench_enabled and hasattr(config.option, "benchmark_enable"):
+        config.option.benchmark_enable = True
+        config.option.benchmark_disable = False
+        config.option.benchmark_skip = False
+
+
+def pytest_collect_file(file_path, parent):
+    """bench_<op>.py files are test modules (pytest's default pattern is test_*.py)."""
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and file_path.parent == BENCH_DIR \
+            and not parent.session.isinitpath(file_path):  # a file named on the command line is collected anyway
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def _in_bench(item) -> bool:
+    try:
+        return BENCH_DIR in Path(str(item.fspath)).resolve().parents
+    except (OSError, ValueError):
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if getattr(config, "_selora_bench_enabled", False):
+        return
+    marker = pytest.mark.skip(reason=SKIP_REASON)
+    for item in items:
+        if _in_bench(item):
+            item.add_marker(marker)
+
+
+# ------------------------------------------------------------------------------------------------ metadata
+def _slug(text: str, limit: int = 48) -> str:
+    text = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return text[:limit].strip("-") or "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown")
+    except Exception as error:  # noqa: BLE001 (a missing or broken package is data, not an error)
+        return f"unavailable: {type(error).__name__}: {error}"[:200]
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no inf / nan
+    return value
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return _finite(obj)
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    return str(obj)
+
+
+# ------------------------------------------------------------------------------------------------ harness
+class BenchHarness:
+    """Timers, builders of the baselines, and the recorder of one benchmark session."""
+
+    def __init__(self, config):
+        import torch
+
+        self.config = config
+        self.torch = torch
+        self.started = time.monotonic()
+        budget = os.environ.get("SELORA_BENCH_BUDGET_S", "").strip()
+        self.budget_s = float(budget) if budget else None
+        self.quick = os.environ.get("SELORA_BENCH_QUICK", "") == "1"
+        threads = int(os.environ.get("SELORA_BENCH_CPU_THREADS", "1") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.cuda = torch.cuda.is_available()
+        wanted = os.environ.get("SELORA_BENCH_DEVICES", "").strip()
+        self.devices = [d.strip() for d in wanted.split(",") if d.strip()] if wanted else \
+            (["cpu", "cuda"] if self.cuda else ["cpu"])
+        self.records: list = []
+        self.outcomes: dict = {}
+        self.cuda_impl_status = self._import_cuda_impl() if self.cuda else "not imported (no CUDA device)"
+        self.meta = self._metadata()
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        results_dir = Path(os.environ.get("SELORA_BENCH_RESULTS_DIR") or BENCH_DIR / "results")
+        self.path = results_dir / f"bench_{self.meta['device_slug']}_{stamp}.json"
+
+    # ---------------------------------------------------------------- session facts
+    def _import_cuda_impl(self) -> str:
+        """The CUDA implementations register themselves on import; make sure that happened."""
+        try:
+            importlib.import_module("selora_kernels.ops.cuda_impl")
+            return "imported"
+        except Exception as error:  # noqa: BLE001
+            return f"unavailable: {type(error).__name__}: {error}"[:300]
+
+    def _metadata(self) -> dict:
+        torch = self.torch
+        if self.cuda:
+            props = torch.cuda.get_device_properties(0)
+            device_name = torch.cuda.get_device_name(0)
+            device = {"name": device_name, "capability": list(torch.cuda.get_device_capability(0)),
+                      "multiprocessors": props.multi_processor_count,
+                      "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda}
+            slug = _slug(device_name)
+        else:
+            device_name = _cpu_model()
+            device = {"name": device_name, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+            slug = f"cpu-{_slug(device_name, 40)}-{os.cpu_count()}c"
+        commit = os.environ.get("SELORA_GIT_COMMIT") or _git("rev-parse", "HEAD") or "unknown"
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        try:
+            from selora_kernels._extension import extension_status
+
+            extension = extension_status()
+        except Exception as error:  # noqa: BLE001
+            extension = f"unavailable: {type(error).__name__}: {error}"[:300]
+        return {
+            "device_name": device_name, "device_slug": slug, "device": device,
+            "devices_benchmarked": self.devices,
+            "host": platform.node(), "platform": platform.platform(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "triton": _version("triton"), "peft": _version("peft"),
+            "pytest_benchmark": _version("pytest_benchmark"),
+            "git_commit": commit, "git_dirty": None if dirty is None else bool(dirty),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "extension": extension, "cuda_impl": self.cuda_impl_status,
+            "budget_s": self.budget_s, "quick": self.quick,
+            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "argv": sys.argv[1:],
+        }
+
+    def device_or_skip(self, device: str) -> None:
+        if device == "cuda" and not self.cuda:
+            pytest.skip("CUDA device not available: GPU case")
+        if device not in self.devices:
+            pytest.skip(f"device {device} not selected (SELORA_BENCH_DEVICES={','.join(self.devices)})")
+        self.budget_or_skip()
+
+    def budget_or_skip(self) -> None:
+        if self.budget_s is not None and time.monotonic() - self.started > self.budget_s:
+            pytest.skip(f"budget: SELORA_BENCH_BUDGET_S={self.budget_s:g} s spent")
+
+    def sync(self, device: str) -> None:
+        if device == "cuda":
+            self.torch.cuda.synchronize()
+
+    # ---------------------------------------------------------------- timing
+    def measure(self, providers: Dict[str, Callable[[], object]], device: str, *, rounds: int = 5,
+                iterations: int = 1, warmup: int = 1, setup: Optional[Callable[[str], None]] = None,
+                errors: Optional[dict] = None) -> Dict[str, dict]:
+        """Median time (ms) of each provider. A provider that raises is dropped and its error recorded.
+
+        CPU: warm-up calls, then `rounds` rounds of `iterations` calls, providers interleaved (and the
+        order alternated) so that load from other processes hits every provider alike; median over rounds.
+        CUDA: triton.testing.do_bench (median, q20, q80; L2 flushed between calls), or CUDA events around
+        single calls when `setup` must run between calls (growth) or Triton is missing.
+        `setup(name)` runs, untimed, before every timed call block and warm-up call; with a setup,
+        warmup=0 is allowed (the first timed call then includes one-time costs: use for slow, stateful cases).
+        """
+        errors = {} if errors is None else errors
+        if self.quick:
+            rounds = max(2, rounds // 2)
+        live = {}
+        for name, fn in providers.items():
+            try:
+                for _ in range(warmup if setup is not None else max(1, warmup)):
+                    if setup is not None:
+                        setup(name)
+                    fn()
+                self.sync(device)
+                live[name] = fn
+            except Exception as error:  # noqa: BLE001 (a broken baseline is reported, not fatal)
+                errors[name] = f"{type(error).__name__}: {error}"[:500]
+        if device == "cuda":
+            return self._measure_cuda(live, setup, rounds)
+        samples = {name: [] for name in live}
+        order = list(live)
+        for index in range(rounds):
+            for name in (order if index % 2 == 0 else order[::-1]):
+                if setup is not None:
+                    setup(name)
+                fn = live[name]
+                start = time.perf_counter()
+                for _ in range(iterations):
+                    fn()
+                samples[name].append((time.perf_counter() - start) / iterations * 1e3)
+        return {name: self._summary(values, iterations, "perf_counter, interleaved rounds")
+                for name, values in samples.items()}
+
+    def _measure_cuda(self, live, setup, rounds) -> Dict[str, dict]:
+        torch = self.torch
+        results = {}
+        try:
+            from triton.testing import do_bench
+        except Exception:  # noqa: BLE001
+            do_bench = None
+        for name, fn in live.items():
+            if setup is None and do_bench is not None:
+                warm, rep = (5, 20) if self.quick else (10, 50)
+                median, q20, q80 = do_bench(fn, warmup=warm, rep=rep, quantiles=[0.5, 0.2, 0.8])
+                results[name] = {"median_ms": median, "min_ms": None, "q20_ms": q20, "q80_ms": q80,
+                                 "method": "do_bench", "samples_ms": None}
+                continue
+            values = []
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            for _ in range(max(rounds, 10)):
+                if setup is not None:
+                    setup(name)
+                torch.cuda.synchronize()
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                values.append(start.elapsed_time(end))
+            results[name] = self._summary(values, 1, "cuda events, single calls")
+        return results
+
+    @staticmethod
+    def _summary(values, iterations, method) -> dict:
+        ordered = sorted(values)
+
+        def quantile(q):
+            return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+        return {"median_ms": statistics.median(ordered), "min_ms": ordered[0],
+                "q20_ms": quantile(0.2), "q80_ms": quantile(0.8),
+                "rounds": len(ordered), "iterations": iterations, "method": method, "samples_ms": values}
+
+    # ---------------------------------------------------------------- paths
+    def op_path(self, device: str):
+        """Which implementation of selora::linear ran last (cuda_impl.last_paths() on a GPU)."""
+        if device == "cpu":
+            return "reference (torch.library CPU implementation, ops/reference.py)"
+        try:
+            module = importlib.import_module("selora_kernels.ops.cuda_impl")
+        except Exception as error:  # noqa: BLE001
+            return f"unknown: selora_kernels.ops.cuda_impl unavailable ({type(error).__name__})"
+        last_paths = getattr(module, "last_paths", None)
+        if last_paths is None:
+            return "unknown: cuda_impl has no last_paths()"
+        try:
+            return _jsonable(last_paths())
+        except Exception as error:  # noqa: BLE001
+            return f"unknown: last_paths() raised {type(error).__name__}: {error}"
+
+    # ---------------------------------------------------------------- recording
+    def record(self, request, *, op: str, params: dict, ours: str, times: Dict[str, dict], path,
+               targets: Optional[list] = None, metrics: Optional[dict] = None,
+               errors: Optional[dict] = None, notes: Optional[str] = None, benchmark=None) -> dict:
+        """Stores one case: our time, each baseline's time from the same run, ours / baseline ratios."""
+        ours_time = times.get(ours, {}).get("median_ms")
+        baselines = {}
+        for name, timing in times.items():
+            if name == ours:
+                continue
+            entry = {"time_ms": timing["median_ms"], "min_ms": timing.get("min_ms"), "q20_ms": timing["q20_ms"],
+                     "q80_ms": timing["q80_ms"]}
+            if ours_time is not None and timing["median_ms"] > 0:
+                entry["ratio"] = ours_time / timing["median_ms"]  # < 1: ours is faster
+                entry["speedup"] = timing["median_ms"] / ours_time if ours_time > 0 else math.inf
+                ours_min = times[ours].get("min_ms")
+                if ours_min is not None and timing.get("min_ms"):
+                    entry["ratio_of_minima"] = ours_min / timing["min_ms"]  # robust to load from others
+            baselines[name] = entry
+        record = {
+            "op": op, "test": request.node.nodeid, "case": request.node.callspec.id
+            if hasattr(request.node, "callspec") else request.node.name,
+            "params": params, "ours": ours, "path": path,
+            "time_ms": ours_time, "min_ms": times.get(ours, {}).get("min_ms"),
+            "q20_ms": times.get(ours, {}).get("q20_ms"), "q80_ms": times.get(ours, {}).get("q80_ms"),
+            "timing_method": times.get(ours, {}).get("method"),
+            "baselines": baselines, "metrics": metrics or {}, "targets": targets or [],
+            "errors": errors or {}, "notes": notes,
+        }
+        self.records.append(record)
+        self._publish(benchmark, op, record, times.get(ours))
+        self.write(final=False)
+        return record
+
+    @staticmethod
+    def target(name: str, value, threshold: float, comparison: str, description: str) -> dict:
+        """A target of the issue as data: met when `value comparison threshold` (None/NaN: not measured)."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            met = None
+        elif comparison == "<=":
+            met = value <= threshold
+        elif comparison == ">=":
+            met = value >= threshold
+        elif comparison == "==":
+            met = value == threshold
+        else:
+            raise ValueError(comparison)
+        return {"name": name, "value": value, "threshold": threshold, "comparison": comparison,
+                "met": met, "description": description}
+
+    def _publish(self, benchmark, op, record, timing) -> None:
+        """Hands our path's samples to pytest-benchmark (its table, --benchmark-json)."""
+        if benchmark is None:
+            return
+        try:
+            benchmark.group = f"{op}:{record['params'].get('mode', '')}"
+            benchmark.extra_info.update(_jsonable({k: record[k] for k in (
+                "ours", "path", "time_ms", "baselines", "targets", "metrics", "errors")}))
+            samples = (timing or {}).get("samples_ms")
+            if not samples:
+                samples = [(timing or {}).get("median_ms")] if timing else []
+            samples = [s for s in samples if s is not None]
+            if samples and getattr(benchmark, "enabled", False) and hasattr(benchmark, "_make_stats"):
+                iterations = int(timing.get("iterations") or 1)
+                stats = benchmark._make_stats(iterations)
+                for value in samples:
+                    stats.update(value / 1e3 * iterations)
+                benchmark._mode = "selora harness (interleaved rounds)"
+        except Exception as error:  # noqa: BLE001 (pytest-benchmark internals changed: keep our JSON)
+            record.setdefault("notes_publish", f"pytest-benchmark publish failed: {error}")
+
+    def write(self, final: bool) -> Optional[Path]:
+        if not self.records and not final:
+            return None
+        targets = [t for r in self.records for t in r["targets"]]
+        document = {
+            "schema": SCHEMA, "complete": final,
+            "written": _dt.datetime.now().isoformat(timespec="seconds"),
+            "elapsed_s": round(time.monotonic() - self.started, 1),
+            "load_average_now": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "metadata": self.meta,
+            "ratio_definition": "ratio = our median time / baseline median time (< 1: ours faster); "
+                                "speedup = 1 / ratio; ratio_of_minima = the same with the fastest rounds "
+                                "(CPU only; less sensitive to other processes)",
+            "targets_summary": {
+                "met": sum(t["met"] is True for t in targets), "missed": sum(t["met"] is False for t in targets),
+                "not_measured": sum(t["met"] is None for t in targets)},
+            "cases": self.records,
+            "outcomes": self.outcomes,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(_jsonable(document), indent=1))
+        tmp.replace(self.path)
+        return self.path
+
+    # ---------------------------------------------------------------- builders shared by the bench files
+    @staticmethod
+    def make_peft_linear(base, rank: int, alpha: float, dtype):
+        """peft's LoRA Linear around `base` (dropout 0), adapter weights in `dtype` (like against like;
+        get_peft_model would keep them fp32 next to a bf16 base), B random so no product is of zeros."""
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        class _Holder(torch.nn.Module):
+            def __init__(self, proj):
+                super().__init__()
+                self.proj = proj
+
+            def forward(self, x):
+                return self.proj(x)
+
+        model = get_peft_model(_Holder(base), LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                         target_modules=["proj"]))
+        layer = model.base_model.model.proj
+        with torch.no_grad():
+            for module in (layer.lora_A["default"], layer.lora_B["default"]):
+                module.to(dtype)
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
+        return layer
+
+    @staticmethod
+    def make_selora(base, rank: int, alpha: float, generator=None):
+        """SeLoRALinear sharing `base`'s frozen weight, `rank` live slots with random A rows and B columns."""
+        import torch
+        from selora_kernels import SeLoRALinear
+
+        module = SeLoRALinear.from_linear(base, r_init=rank, alpha=alpha)
+        with torch.no_grad():
+            module.lora_A.zero_()
+            module.lora_B.zero_()
+            a = torch.randn(rank, module.in_features, generator=generator) / math.sqrt(module.in_features)
+            b = torch.randn(module.out_features, rank, generator=generator) * 0.02
+            module.lora_A[:rank] = a.to(module.lora_A)
+            module.lora_B[:, :rank] = b.to(module.lora_B)
+            module.live_rank.fill_(rank)
+        module._rank = rank
+        return module
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+_HARNESS: Optional[BenchHarness] = None
+
+
+@pytest.fixture(scope="session")
+def harness(request) -> BenchHarness:
+    global _HARNESS
+    if _HARNESS is None:
+        _HARNESS = BenchHarness(request.config)
+    return _HARNESS
+
+
+try:  # the harness works without pytest-benchmark too: then `benchmark` is None and only our JSON is written
+    import pytest_benchmark  # noqa: F401
+except ImportError:
+    @pytest.fixture
+    def benchmark():
+        return None
+
+
+def pytest_runtest_logreport(report):
+    if _HARNESS is None or report.when not in ("setup", "call"):
+        return
+    if report.when == "setup" and report.outcome == "passed":
+        return
+    entry = {"outcome": report.outcome, "seconds": round(report.duration, 2)}
+    if report.outcome == "skipped" and isinstance(report.longrepr, tuple):
+        entry["reason"] = str(report.longrepr[2])[:300]
+    elif report.outcome == "failed":
+        entry["error"] = str(report.longreprtext)[-1500:]
+    _HARNESS.outcomes[report.nodeid] = entry
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _HARNESS is not None and getattr(session.config, "_selora_bench_enabled", False):
+        _HARNESS.write(final=True)
+
+
+def _fmt_ms(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _HARNESS is None or not _HARNESS.records:
+        return
+    tr = terminalreporter
+    tr.section("selora_kernels benchmarks: ours / baseline (median times, same run)")
+    tr.write_line(f"device: {_HARNESS.meta['device_name']}; results: {_HARNESS.path}")
+    tr.write_line("per case: ours median ms | baseline: median ms, ratio ours/baseline of medians "
+                  "[of fastest rounds, CPU]")
+    for record in _HARNESS.records:
+        parts = []
+        for name, entry in record["baselines"].items():
+            if "ratio" not in entry:
+                parts.append(f"{name} -")
+                continue
+            minima = f" [{entry['ratio_of_minima']:.2f}]" if entry.get("ratio_of_minima") else ""
+            parts.append(f"{name} {entry['time_ms']:.3g}ms x{entry['ratio']:.2f}{minima}")
+        tr.write_line(f"{record['op']}[{record['case']}] {record['ours']}={_fmt_ms(record['time_ms'])}ms | "
+                      + ", ".join(parts))
+        for target in record["targets"]:
+            state = {True: "MET", False: "missed", None: "n/a"}[target["met"]]
+            value = target["value"]
+            shown = f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
+            tr.write_line(f"    target {target['name']}: {shown} {target['comparison']} "
+                          f"{target['threshold']:g} -> {state}")
+    summary = {"met": 0, "missed": 0, "n/a": 0}
+    for record in _HARNESS.records:
+        for target in record["targets"]:
+            summary[{True: "met", False: "missed", None: "n/a"}[target["met"]]] += 1
+    tr.write_line(f"targets: {summary['met']} met, {summary['missed']} missed, {summary['n/a']} not measured")

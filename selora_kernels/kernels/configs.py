@@ -1,0 +1,191 @@
+"""Every launch configuration the SeLoRA Triton launchers can choose: one table, no runtime autotune.
+
+`triton.autotune` reruns a kernel once per config on the live buffers, which corrupts accumulating kernels
+and cannot run during CUDA-graph capture (KERNEL_NOTES section 9.3), so block sizes come from this table,
+chosen by two rules only: the dtype of the operands and whether the token count M is small. Nothing here
+depends on the live rank; the capacity class `r_pad` (capacity padded to 16 or 32) is the only
+rank-related compile-time value.
+
+`all_launch_configs()` enumerates the product the launchers can reach (kernel x dtype x r_pad x block
+choice x constexpr flags); `tools/static_check_triton.py` compiles each of them ahead of time for sm_80 and
+sm_90 and fails on spills, shared memory over the limit or a matrix-product kernel without tensor cores.
+The launchers call `blocks_for` / `r_pad_for`, so a config they can pick and a config the check compiled
+are the same object.
+
+Pure data: no triton import, cheap to import anywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, Tuple
+
+DTYPES = ("fp32", "fp16", "bf16")
+R_PADS = (16, 32)  # capacity classes: one binary per class, the live rank is never a compile-time value
+MAX_CAPACITY_SLOTS = R_PADS[-1]  # live slots + trial slot must fit the largest class
+SMALL_M = 64  # M <= SMALL_M takes the "small" block table (text tokens, time embeddings)
+GROUP_M = 8  # grouped tile order of the GEMM kernels (L2 reuse of W0 across row tiles)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and launch options of one kernel. Unused block fields stay 0."""
+
+    block_m: int = 0
+    block_n: int = 0
+    block_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One compiled variant: what `static_check_triton.py` builds and a launcher may launch."""
+
+    kernel: str  # key of KERNELS
+    dtype: str  # operand dtype of the activations (and adapter)
+    r_pad: int
+    blocks: Blocks
+    size_class: str  # "large" or "small" (M <= SMALL_M), or "any"
+    flags: Tuple[Tuple[str, object], ...] = field(default=())  # extra constexprs, e.g. (("FISHER", True),)
+
+    @property
+    def name(self) -> str:
+        flag_text = "".join(f",{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.flags)
+        b = self.blocks
+        return (f"{self.kernel}[{self.dtype},R{self.r_pad},{self.size_class},"
+                f"{b.block_m}x{b.block_n}x{b.block_k},w{b.num_warps},s{b.num_stages}{flag_text}]")
+
+
+# Kernel name -> (module under selora_kernels.kernels, jit function name, uses tl.dot)
+KERNELS: Dict[str, Tuple[str, str, bool]] = {
+    "forward": ("selora_linear_forward", "_fused_lowrank_matmul_kernel", True),
+    "grad_x": ("selora_linear_forward", "_fused_lowrank_matmul_kernel", True),
+    "shrink": ("selora_linear_backward", "_shrink_kernel", True),
+    "segment_reduce": ("selora_linear_backward", "_segment_reduce_kernel", True),
+    "finalize": ("selora_linear_backward", "_finalize_kernel", False),
+}
+
+# Block tables. Why these sizes (compiled numbers: bench/results/static_triton.json):
+# - GEMM kernels (forward, grad_x): 8 warps with BN = 64. At 4 warps a 128 x 64 tile sits at 255
+#   registers and spills at R_PAD 32 (fp16's tf32x3 epilogue is the heaviest); 128 x 128 at 8 warps
+#   spills in grad_x on sm_80. BN 64 makes the recomputed rank dot R_PAD / BN of the main loop, hidden
+#   while the layer is memory-bound (SD level-1 shapes).
+# - fp32: half-size K tiles (twice the bytes per element); IEEE dots run on the SIMT units and need more
+#   registers per output, hence 8 warps for 64 x 64 and a 32-row shrink tile.
+_GEMM_BLOCKS = {
+    ("fp16", "large"): Blocks(128, 64, 64, 8, 3),
+    ("bf16", "large"): Blocks(128, 64, 64, 8, 3),
+    ("fp32", "large"): Blocks(64, 64, 32, 8, 3),
+    ("fp16", "small"): Blocks(32, 64, 64, 4, 3),
+    ("bf16", "small"): Blocks(32, 64, 64, 4, 3),
+    ("fp32", "small"): Blocks(32, 64, 32, 8, 3),
+}
+_SHRINK_BLOCKS = {  # (M x D) @ (D x R_PAD): one program per row tile loops over all of D
+    "fp16": Blocks(64, 0, 64, 4, 3),
+    "bf16": Blocks(64, 0, 64, 4, 3),
+    "fp32": Blocks(32, 0, 32, 4, 3),
+}
+_SEGMENT_BLOCKS = {  # (R_PAD x tokens) @ (tokens x BN) per sample chunk; block_k = tokens per step
+    "fp16": Blocks(0, 64, 64, 4, 3),
+    "bf16": Blocks(0, 64, 64, 4, 3),
+    "fp32": Blocks(0, 64, 32, 4, 3),
+}
+_FINALIZE_BLOCKS = Blocks(0, 64, 0, 4, 1)  # elementwise sum/square over fp32 partials
+
+
+def r_pad_for(slots: int) -> int:
+    """Smallest capacity class holding `slots` slots (capacity, plus one while the trial slot is live)."""
+    for r_pad in R_PADS:
+        if slots <= r_pad:
+            return r_pad
+    raise ValueError(f"{slots} adapter slots exceed the largest fused capacity class {R_PADS[-1]}")
+
+
+def size_class(rows: int) -> str:
+    return "small" if rows <= SMALL_M else "large"
+
+
+def blocks_for(kernel: str, dtype: str, rows: int = 0) -> Blocks:
+    """The block sizes a launcher uses for `kernel` on `dtype` operands and `rows` tokens."""
+    if kernel in ("forward", "grad_x"):
+        return _GEMM_BLOCKS[(dtype, size_class(rows))]
+    if kernel == "shrink":
+        return _SHRINK_BLOCKS[dtype]
+    if kernel == "segment_reduce":
+        return _SEGMENT_BLOCKS[dtype]
+    if kernel == "finalize":
+        return _FINALIZE_BLOCKS
+    raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(KERNELS)}")
+
+
+def dot_precision(dtype: str, fp32_matmul_precision: str = "highest") -> str:
+    """Triton input_precision of fp32 dots, following torch.get_float32_matmul_precision():
+    "highest" -> IEEE fp32, "high"/"medium" -> TF32 (the low-rank expand then uses tf32x3, see kernels).
+    Half-precision operands ignore it; they get the fixed value "tf32" so they compile to one binary."""
+    if dtype == "fp32" and fp32_matmul_precision == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _precisions(dtype: str) -> Tuple[str, ...]:
+    return ("ieee", "tf32") if dtype == "fp32" else ("tf32",)
+
+
+def all_launch_configs() -> Iterator[LaunchConfig]:
+    """Every (kernel, dtype, r_pad, blocks, flags) a launcher can launch."""
+    for dtype in DTYPES:
+        for r_pad in R_PADS:
+            for precision in _precisions(dtype):
+                dot = (("DOT_PRECISION", precision),)
+                for size in ("large", "small"):
+                    blocks = _GEMM_BLOCKS[(dtype, size)]
+                    for has_bias in (True, False):
+                        yield LaunchConfig("forward", dtype, r_pad, blocks, size,
+                                           dot + (("HAS_BIAS", has_bias),))
+                    yield LaunchConfig("grad_x", dtype, r_pad, blocks, size, dot)
+                # U = x A_ext^T (trial slot live only while measuring); P = dy B when grad_x is skipped
+                for operand, with_trial in (("A", False), ("A", True), ("B", False)):
+                    yield LaunchConfig("shrink", dtype, r_pad, _SHRINK_BLOCKS[dtype], "any",
+                                       dot + (("OPERAND", operand), ("HAS_TRIAL", with_trial)))
+                yield LaunchConfig("segment_reduce", dtype, r_pad, _SEGMENT_BLOCKS[dtype], "any", dot)
+            for fisher in (False, True):
+                yield LaunchConfig("finalize", dtype, r_pad, _FINALIZE_BLOCKS, "any", (("FISHER", fisher),))
+
+
+def aot_signature(arg_names, pointer_types: Dict[str, str], constexprs: Dict[str, object],
+                  float_args=("scale",), not_divisible=()):
+    """Signature and attrs for `triton.compile(ASTSource(fn, signature, constexprs, attrs))`.
+
+    Mirrors what the JIT sees on contiguous inputs: pointers 16-byte aligned and strides 16-divisible
+    (the callers put the unit strides into `constexprs`, as the JIT specialises a stride of 1). Sizes are
+    left unspecialised, the conservative case (all boundary masks kept)."""
+    signature, attrs = {}, {}
+    for index, arg in enumerate(arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in pointer_types:
+            signature[arg] = "*" + pointer_types[arg]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif arg in float_args:
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+            if arg.startswith("stride") and arg not in not_divisible:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
+
+def naive_forward_config() -> LaunchConfig:
+    """The calibration config of issue 7: BM = BN = 128, BK = 64, rank block 16, 8 warps, 3 stages, bf16.
+
+    Issue 7 measured 255 registers + 208/168 B of stack for *its* naive fused forward; this library's
+    forward kernel at the same tile sizes compiles without spilling (the check reports its numbers)."""
+    return LaunchConfig("forward", "bf16", 16, Blocks(128, 128, 64, 8, 3), "naive",
+                        (("DOT_PRECISION", "tf32"), ("HAS_BIAS", True)))
+
+
+def spilling_forward_config() -> LaunchConfig:
+    """A forward config known to spill on sm_80 and sm_90 (128 x 128 tile on 4 warps, R_PAD 32, bf16):
+    the calibration that proves the static check detects spills. Never launched."""
+    return LaunchConfig("forward", "bf16", 32, Blocks(128, 128, 64, 4, 3), "calibration",
+                        (("DOT_PRECISION", "tf32"), ("HAS_BIAS", True)))

@@ -1,0 +1,263 @@
+"""Fused Triton backward of the SeLoRA linear, with the per-sample Fisher folded into the dA/dB reduction.
+
+Math (SELORA_SPEC.md section 2, ops/reference.py), mask_k = [k < live_rank] read from a device tensor:
+
+    P  = (dy B) . mask                      U = (x A^T) . mask        (M x R_PAD, fp32)
+    dx = dy W0 + s P A
+    dA = s P^T x                            dB = s dy^T U
+    Fisher (measuring): rows grouped into N equal contiguous samples i; with the trial slot K = capacity
+    (A row = trial_row, B column = 0, so P[:, K] = 0 and U[:, K] = x trial_row) and c = s * multiplier,
+        fisher_a[k] = sum_i || c P_i[:, k]^T X_i ||^2      fisher_b[k] = sum_i || c dY_i^T U_i[:, k] ||^2
+
+Launches (all deterministic: fixed-order reductions, no atomics):
+  1. grad_x: the forward kernel mirrored (selora_linear_forward.py) emits P; without grad_x, `_shrink_kernel`
+     computes P = dy B instead.
+  2. `_shrink_kernel`: U = x A_ext^T, where A_ext appends the trial row as slot `capacity` while measuring.
+  3. `_segment_reduce_kernel` twice ((P, x) -> dA, (U, dy) -> dB): the token reduction is split at sample
+     boundaries and further into chunks inside a sample, each chunk writing an fp32 partial R_PAD x D.
+  4. `_finalize_kernel` twice: per D tile, sums each sample's chunk partials in order (the per-sample
+     gradient), adds it into the gradient and, when FISHER, squares (c g_i)^2 into an fp32 per-slot sum; the
+     per-tile Fisher sums are added on the host side in tile order (a tiny torch sum, no sync).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .selora_linear_forward import (NAME_TO_TRITON, _fp32_rank_dot, current_dot_precision, dtype_name,
+                                    launch_fused_lowrank_matmul)
+
+FISHER_ROWS = 3  # layout of ops.reference: row 0 fisher_a, row 1 fisher_b, row 2 column 0 the sample count
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, slot_rows_ptr, trial_row_ptr, live_rank_ptr, out_ptr,
+                   rows, depth, capacity,
+                   stride_xm, stride_xd, stride_sr, stride_sd,
+                   HAS_TRIAL: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # out[m, k] = mask_k * sum_d X[m, d] S[k, d]; S = slot rows (k < capacity) + trial row (k = capacity).
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    slots = tl.arange(0, R_PAD)
+    row_ok = offs_m < rows
+    slot_ok = slots < capacity
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xd
+    slot_ptrs = slot_rows_ptr + offs_k[:, None] * stride_sd + slots[None, :] * stride_sr
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k in range(0, tl.cdiv(depth, BLOCK_K)):
+        k_ok = offs_k < depth - k * BLOCK_K
+        x_tile = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        slot_tile = tl.load(slot_ptrs, mask=k_ok[:, None] & slot_ok[None, :], other=0.0)
+        if HAS_TRIAL:
+            trial = tl.load(trial_row_ptr + k * BLOCK_K + offs_k, mask=k_ok, other=0.0)
+            slot_tile = tl.where((slots == capacity)[None, :], trial[:, None], slot_tile)
+        acc = tl.dot(x_tile, slot_tile, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xd
+        slot_ptrs += BLOCK_K * stride_sd
+    live = slots < tl.load(live_rank_ptr)
+    if HAS_TRIAL:
+        live = live | (slots == capacity)
+    acc = tl.where(live[None, :], acc, 0.0)
+    tl.store(out_ptr + offs_m[:, None] * R_PAD + slots[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _segment_reduce_kernel(low_rank_ptr, x_ptr, partial_ptr,
+                           segment_rows, chunk_rows, chunks, depth,
+                           stride_xm, stride_xd,
+                           R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
+    # partial[i * chunks + c, k, n] = sum over the tokens t of chunk c of sample i of L[t, k] X[t, n]
+    pid_chunk = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    segment = pid_chunk // chunks
+    start = segment * segment_rows + (pid_chunk % chunks) * chunk_rows
+    end = tl.minimum(start + chunk_rows, (segment + 1) * segment_rows)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    slots = tl.arange(0, R_PAD)
+    col_ok = offs_n < depth
+    acc = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
+    for t in range(start, end, BLOCK_T):
+        tokens = t + offs_t
+        token_ok = tokens < end
+        # L^T tile (R_PAD x BLOCK_T), read transposed from the row-major M x R_PAD workspace
+        low_rank_t = tl.load(low_rank_ptr + tokens[None, :] * R_PAD + slots[:, None], mask=token_ok[None, :],
+                             other=0.0)
+        x_tile = tl.load(x_ptr + tokens[:, None] * stride_xm + offs_n[None, :] * stride_xd,
+                         mask=token_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _fp32_rank_dot(low_rank_t, x_tile, acc, DOT_PRECISION)
+    tl.store(partial_ptr + (pid_chunk * R_PAD + slots[:, None]) * depth + offs_n[None, :], acc,
+             mask=col_ok[None, :])
+
+
+@triton.jit
+def _finalize_kernel(partial_ptr, grad_ptr, fisher_ptr,
+                     segments, chunks, depth, capacity, scale, fisher_factor,
+                     stride_gr, stride_gd,
+                     FISHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    # g_i = sum_c partial[i, c] (sample i's gradient / s); grad = s sum_i g_i; fisher[k] = sum_i sum_n (c g_i)^2
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    slots = tl.arange(0, R_PAD)
+    col_ok = offs_n < depth
+    tile_offsets = slots[:, None] * depth + offs_n[None, :]
+    grad = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
+    fisher = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
+    for segment in range(0, segments):
+        sample_grad = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
+        for chunk in range(0, chunks):
+            sample_grad += tl.load(partial_ptr + (segment * chunks + chunk) * R_PAD * depth + tile_offsets,
+                                   mask=col_ok[None, :], other=0.0)
+        grad += sample_grad
+        if FISHER:
+            sample_grad = sample_grad * fisher_factor
+            fisher += sample_grad * sample_grad
+    grad_ptrs = grad_ptr + slots[:, None] * stride_gr + offs_n[None, :] * stride_gd
+    tl.store(grad_ptrs, (grad * scale).to(grad_ptr.dtype.element_ty),
+             mask=(slots < capacity)[:, None] & col_ok[None, :])
+    if FISHER:
+        tl.store(fisher_ptr + pid * R_PAD + slots, tl.sum(fisher, axis=1))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """About two waves of programs: enough chunks to fill the GPU, few enough to keep partials small."""
+    if device.type == "cuda":
+        return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # interpreter: a few chunks so the chunked path is exercised
+
+
+def _shrink(x, slot_rows, slot_strides, trial_row, live_rank, out, capacity, r_pad):
+    rows, depth = x.shape
+    blocks = configs.blocks_for("shrink", dtype_name(x.dtype))
+    _shrink_kernel[(triton.cdiv(rows, blocks.block_m),)](
+        x, slot_rows, trial_row if trial_row is not None else slot_rows, live_rank, out,
+        rows, depth, capacity, x.stride(0), x.stride(1), slot_strides[0], slot_strides[1],
+        HAS_TRIAL=trial_row is not None, R_PAD=r_pad, BLOCK_M=blocks.block_m, BLOCK_K=blocks.block_k,
+        DOT_PRECISION=current_dot_precision(x.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+
+def _reduce(low_rank, x, grad, grad_strides, capacity, r_pad, scale, segments, fisher_factor, measuring):
+    """grad (written in place through grad_strides) = s L^T X; returns the per-tile Fisher sums or None."""
+    rows, depth = x.shape
+    name = dtype_name(x.dtype)
+    blocks = configs.blocks_for("segment_reduce", name)
+    segment_rows = rows // segments
+    tiles_n = triton.cdiv(depth, blocks.block_n)
+    chunks = max(1, min(triton.cdiv(segment_rows, blocks.block_k),
+                        triton.cdiv(_target_programs(x.device), segments * tiles_n)))
+    chunk_rows = triton.cdiv(triton.cdiv(segment_rows, chunks), blocks.block_k) * blocks.block_k
+    chunks = triton.cdiv(segment_rows, chunk_rows)
+    partial = torch.empty(segments * chunks, r_pad, depth, dtype=torch.float32, device=x.device)
+    _segment_reduce_kernel[(segments * chunks, tiles_n)](
+        low_rank, x, partial, segment_rows, chunk_rows, chunks, depth, x.stride(0), x.stride(1),
+        R_PAD=r_pad, BLOCK_N=blocks.block_n, BLOCK_T=blocks.block_k,
+        DOT_PRECISION=current_dot_precision(x.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    final = configs.blocks_for("finalize", name)
+    final_tiles = triton.cdiv(depth, final.block_n)
+    fisher_tiles = torch.empty(final_tiles, r_pad, dtype=torch.float32, device=x.device) if measuring else None
+    _finalize_kernel[(final_tiles,)](
+        partial, grad, fisher_tiles if measuring else partial, segments, chunks, depth, capacity, float(scale),
+        float(fisher_factor), grad_strides[0], grad_strides[1],
+        FISHER=measuring, R_PAD=r_pad, BLOCK_N=final.block_n, num_warps=final.num_warps,
+        num_stages=final.num_stages)
+    return fisher_tiles
+
+
+def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale: float,
+                                  num_samples: int, per_sample_multiplier: float, measuring: bool,
+                                  compute_grad_x: bool):
+    """(grad_x, grad_a, grad_b, fisher): exactly the contract of ops.reference.backward_reference.
+
+    x, grad_y: 2-D (M x in, M x out), any strides, one dtype (fp32/fp16/bf16) shared with weight, lora_a,
+    lora_b and trial_row; live_rank: a 0-d integer device tensor (never read on the host). fisher is
+    (3, capacity + 1) fp32, zeros when not measuring."""
+    rows, in_features = x.shape
+    out_features = weight.shape[0]
+    capacity = lora_a.shape[0]
+    device = x.device
+    if measuring and rows % num_samples:
+        raise ValueError(f"{rows} input rows cannot be split into {num_samples} samples")
+    fisher = torch.zeros(FISHER_ROWS, capacity + 1, dtype=torch.float32, device=device)
+    grad_x = torch.empty(rows, in_features, dtype=x.dtype, device=device) if compute_grad_x else x.new_empty(0)
+    grad_a = torch.empty(capacity, in_features, dtype=lora_a.dtype, device=device)
+    grad_b = torch.empty(out_features, capacity, dtype=lora_b.dtype, device=device)
+    if rows == 0 or in_features == 0 or out_features == 0:
+        grad_a.zero_()
+        grad_b.zero_()
+        if compute_grad_x:
+            grad_x.zero_()
+        if measuring:
+            fisher[2, 0] = num_samples
+        return grad_x, grad_a, grad_b, fisher
+    r_pad = configs.r_pad_for(capacity + 1 if measuring else max(capacity, 1))
+    live_rank = live_rank.reshape(1)
+
+    proj_grad = torch.empty(rows, r_pad, dtype=torch.float32, device=device)  # P = (dy B) . mask
+    if compute_grad_x:
+        launch_fused_lowrank_matmul(
+            "grad_x", grad_y, (weight.stride(0), weight.stride(1)), weight, None,
+            lora_b, (lora_b.stride(0), lora_b.stride(1)), lora_a, (lora_a.stride(0), lora_a.stride(1)),
+            live_rank, proj_grad, grad_x, out_features, in_features, capacity, scale, r_pad)
+    else:
+        _shrink(grad_y, lora_b, (lora_b.stride(1), lora_b.stride(0)), None, live_rank, proj_grad, capacity, r_pad)
+    low_rank = torch.empty(rows, r_pad, dtype=torch.float32, device=device)  # U = (x A_ext^T) . mask
+    trial = trial_row.contiguous() if measuring else None  # read as a unit-stride vector
+    _shrink(x, lora_a, (lora_a.stride(0), lora_a.stride(1)), trial, live_rank, low_rank, capacity, r_pad)
+
+    segments = num_samples if measuring else 1
+    fisher_factor = scale * per_sample_multiplier
+    fisher_a = _reduce(proj_grad, x, grad_a, (grad_a.stride(0), grad_a.stride(1)), capacity, r_pad, scale,
+                       segments, fisher_factor, measuring)
+    fisher_b = _reduce(low_rank, grad_y, grad_b, (grad_b.stride(1), grad_b.stride(0)), capacity, r_pad, scale,
+                       segments, fisher_factor, measuring)
+    if measuring:
+        fisher[0] = fisher_a.sum(dim=0)[:capacity + 1]
+        fisher[1] = fisher_b.sum(dim=0)[:capacity + 1]
+        fisher[2, 0] = num_samples
+    return grad_x, grad_a, grad_b, fisher
+
+
+def aot_spec(config: configs.LaunchConfig):
+    """(jit function, signature, constexprs, attrs) to compile `config` ahead of time (static check)."""
+    dtype = NAME_TO_TRITON[config.dtype]
+    flags = dict(config.flags)
+    b = config.blocks
+    precision = flags.get("DOT_PRECISION", "tf32")
+    if config.kernel == "shrink":
+        fn = _shrink_kernel
+        # operand "A": U = x A_ext^T (A rows contiguous); operand "B": P = dy B (B columns strided)
+        unit_stride = dict(stride_sd=1) if flags["OPERAND"] == "A" else dict(stride_sr=1)
+        constexprs = dict(HAS_TRIAL=bool(flags["HAS_TRIAL"]), R_PAD=config.r_pad, BLOCK_M=b.block_m,
+                          BLOCK_K=b.block_k, DOT_PRECISION=precision, stride_xd=1, **unit_stride)
+        pointers = {"x_ptr": dtype, "slot_rows_ptr": dtype, "trial_row_ptr": dtype, "live_rank_ptr": "i64",
+                    "out_ptr": "fp32"}
+        floats = ()
+    elif config.kernel == "segment_reduce":
+        fn = _segment_reduce_kernel
+        constexprs = dict(R_PAD=config.r_pad, BLOCK_N=b.block_n, BLOCK_T=b.block_k, DOT_PRECISION=precision,
+                          stride_xd=1)
+        pointers = {"low_rank_ptr": "fp32", "x_ptr": dtype, "partial_ptr": "fp32"}
+        floats = ()
+    elif config.kernel == "finalize":
+        fn = _finalize_kernel
+        # grad_a is written row-major, grad_b through its transpose: leave both strides unspecialised
+        constexprs = dict(FISHER=bool(flags["FISHER"]), R_PAD=config.r_pad, BLOCK_N=b.block_n)
+        pointers = {"partial_ptr": "fp32", "grad_ptr": dtype, "fisher_ptr": "fp32"}
+        floats = ("scale", "fisher_factor")
+    else:
+        raise KeyError(f"{config.kernel!r} is not a backward kernel")
+    not_divisible = ("stride_sd", "stride_gr", "stride_gd")  # B's column stride is the capacity (e.g. 15)
+    signature, attrs = configs.aot_signature(fn.arg_names, pointers, constexprs, floats, not_divisible)
+    return fn, signature, constexprs, attrs

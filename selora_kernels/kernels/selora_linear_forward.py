@@ -1,0 +1,198 @@
+"""Fused Triton forward of the SeLoRA linear (and, mirrored, its input gradient).
+
+Math (SELORA_SPEC.md section 1), x (M x in), W0 (out x in), A (capacity x in), B (out x capacity):
+
+    y = x W0^T + b0 + s (x A^T) B^T
+
+One kernel, `_fused_lowrank_matmul_kernel`, computes the general form
+
+    out = X Wt (+ bias) + s * (mask . (X R)) E        X: M x K, Wt: K x N, R: K x R_PAD, E: R_PAD x N
+
+- forward:  X = x, Wt = W0^T, R = A^T, E = B^T, no mask (dead slots of A and B are exact zeros, so the
+            live rank is not a kernel argument and a growth within capacity never recompiles).
+- grad_x:   X = dy, Wt = W0, R = B, E = A, mask = slots < live_rank (read from a device tensor), and the
+            masked P = dy B (M x R_PAD, fp32) is emitted for the dA reduction (selora_linear_backward.py).
+
+x is read once: each K step loads one X tile and feeds both the W0 dot and the R_PAD-wide rank dot into an
+fp32 rank accumulator; the epilogue expands the rank accumulator with E at fp32 precision (hi/lo split for
+bf16, tf32x3 for fp16, IEEE or tf32x3 for fp32 - never a plain half cast, KERNEL_NOTES section 9.4),
+scales, adds the bias and stores the output once.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+
+TORCH_TO_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+NAME_TO_TRITON = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+
+
+@triton.jit
+def _fp32_rank_dot(low_rank, operand, acc, DOT_PRECISION: tl.constexpr):
+    """acc + low_rank @ operand, where low_rank is an fp32 rank-space factor and operand has the input dtype.
+
+    Keeps the fp32 precision of low_rank: bf16 -> hi + lo bf16 split (two bf16 dots, ~16 mantissa bits);
+    fp16 -> tf32x3 on fp32 copies (an fp16 split could overflow at 65504); fp32 -> IEEE when torch asks for
+    "highest", else tf32x3."""
+    if operand.dtype == tl.bfloat16:
+        high = low_rank.to(tl.bfloat16)
+        low = (low_rank - high.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(high, operand, acc)
+        acc = tl.dot(low, operand, acc)
+    elif operand.dtype == tl.float16:
+        acc = tl.dot(low_rank, operand.to(tl.float32), acc, input_precision="tf32x3")
+    elif DOT_PRECISION == "ieee":
+        acc = tl.dot(low_rank, operand, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(low_rank, operand, acc, input_precision="tf32x3")
+    return acc
+
+
+@triton.jit
+def _fused_lowrank_matmul_kernel(
+        x_ptr, wt_ptr, bias_ptr, rank_in_ptr, rank_out_ptr, live_rank_ptr, low_rank_ptr, out_ptr,
+        rows, inner, cols, capacity, scale,
+        stride_xm, stride_xk, stride_wk, stride_wn, stride_rk, stride_rr, stride_er, stride_en,
+        stride_om, stride_on,
+        HAS_BIAS: tl.constexpr, MASK_LIVE: tl.constexpr, EMIT_LOW_RANK: tl.constexpr,
+        R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # out = X Wt (+ bias) + s (mask . (X R)) E ; see the module docstring for the two uses.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(rows, BLOCK_M)
+    tiles_n = tl.cdiv(cols, BLOCK_N)
+    # Grouped order: GROUP_M row tiles sweep the column tiles together, so W0 tiles are reused from L2.
+    tiles_per_group = GROUP_M * tiles_n
+    group = pid // tiles_per_group
+    first_m = group * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % group_rows
+    pid_n = (pid % tiles_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    slots = tl.arange(0, R_PAD)
+    row_ok = offs_m < rows
+    col_ok = offs_n < cols
+    slot_ok = slots < capacity
+
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    wt_ptrs = wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    rank_in_ptrs = rank_in_ptr + offs_k[:, None] * stride_rk + slots[None, :] * stride_rr
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    low_rank = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k in range(0, tl.cdiv(inner, BLOCK_K)):
+        k_ok = offs_k < inner - k * BLOCK_K
+        x_tile = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt_tile = tl.load(wt_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        rank_tile = tl.load(rank_in_ptrs, mask=k_ok[:, None] & slot_ok[None, :], other=0.0)
+        # The same x tile feeds the frozen product and the rank product: x is read once.
+        acc = tl.dot(x_tile, wt_tile, acc, input_precision=DOT_PRECISION)
+        low_rank = tl.dot(x_tile, rank_tile, low_rank, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        wt_ptrs += BLOCK_K * stride_wk
+        rank_in_ptrs += BLOCK_K * stride_rk
+
+    if MASK_LIVE:
+        # Dead slots get exactly zero whatever their contents; the rank stays on the device (no sync).
+        live_rank = tl.load(live_rank_ptr)
+        low_rank = tl.where((slots < live_rank)[None, :], low_rank, 0.0)
+    if EMIT_LOW_RANK:
+        if pid_n == 0:
+            low_rank_ptrs = low_rank_ptr + offs_m[:, None] * R_PAD + slots[None, :]
+            tl.store(low_rank_ptrs, low_rank, mask=row_ok[:, None])
+
+    rank_out_ptrs = rank_out_ptr + slots[:, None] * stride_er + offs_n[None, :] * stride_en
+    rank_out_tile = tl.load(rank_out_ptrs, mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
+    acc = _fp32_rank_dot(low_rank * scale, rank_out_tile, acc, DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return TORCH_TO_NAME[dtype]
+    except KeyError:
+        raise TypeError(f"the SeLoRA Triton kernels take fp32, fp16 or bf16 tensors, got {dtype}") from None
+
+
+def current_dot_precision(dtype: torch.dtype) -> str:
+    return configs.dot_precision(dtype_name(dtype), torch.get_float32_matmul_precision())
+
+
+def launch_fused_lowrank_matmul(kernel_name: str, x, wt_strides, wt, bias, rank_in, rank_in_strides,
+                                rank_out, rank_out_strides, live_rank, low_rank_out, out, inner, cols,
+                                capacity, scale, r_pad):
+    """Shared launcher of the forward and grad_x uses (all strides in elements, views described by hand)."""
+    rows = x.shape[0]
+    name = dtype_name(x.dtype)
+    blocks = configs.blocks_for(kernel_name, name, rows)
+    grid = (triton.cdiv(rows, blocks.block_m) * triton.cdiv(cols, blocks.block_n),)
+    _fused_lowrank_matmul_kernel[grid](
+        x, wt, bias if bias is not None else out, rank_in, rank_out,
+        live_rank if live_rank is not None else out, low_rank_out if low_rank_out is not None else out, out,
+        rows, inner, cols, capacity, float(scale),
+        x.stride(0), x.stride(1), wt_strides[0], wt_strides[1], rank_in_strides[0], rank_in_strides[1],
+        rank_out_strides[0], rank_out_strides[1], out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, MASK_LIVE=live_rank is not None, EMIT_LOW_RANK=low_rank_out is not None,
+        R_PAD=r_pad, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
+        GROUP_M=configs.GROUP_M, DOT_PRECISION=current_dot_precision(x.dtype),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+
+def selora_linear_forward_triton(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """y = x W0^T + b0 + s (x A^T) B^T for 2-D x (M x in); same contract as ops.reference.forward_reference.
+
+    All tensors share one dtype (fp32/fp16/bf16) and device; any strides. Accumulation is fp32."""
+    rows, in_features = x2d.shape
+    out_features = weight.shape[0]
+    capacity = lora_a.shape[0]
+    y = torch.empty(rows, out_features, dtype=x2d.dtype, device=x2d.device)
+    if rows == 0 or out_features == 0:
+        return y
+    if in_features == 0:
+        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
+    if bias is not None:
+        bias = bias.contiguous()  # read as a unit-stride vector
+    launch_fused_lowrank_matmul(
+        "forward", x2d, (weight.stride(1), weight.stride(0)), weight, bias,
+        lora_a, (lora_a.stride(1), lora_a.stride(0)), lora_b, (lora_b.stride(1), lora_b.stride(0)),
+        None, None, y, in_features, out_features, capacity, scale, configs.r_pad_for(max(capacity, 1)))
+    return y
+
+
+def aot_spec(config: configs.LaunchConfig):
+    """(jit function, signature, constexprs, attrs) to compile `config` ahead of time (static check).
+
+    Mirrors a launch with contiguous row-major tensors: unit strides are specialised to 1 and pointers
+    and leading strides are 16-divisible, as Triton's JIT specialises them on such inputs."""
+    dtype = NAME_TO_TRITON[config.dtype]
+    flags = dict(config.flags)
+    is_forward = config.kernel == "forward"
+    has_bias = bool(flags.get("HAS_BIAS", is_forward))
+    b = config.blocks
+    fn = _fused_lowrank_matmul_kernel
+    # forward: x (M,in) s=(in,1), W0^T view strides (1,in), A^T view (1,in), B^T view (1,cap)
+    # grad_x: dy (M,out) s=(out,1), W0 view (in,1), B view (cap,1), A view (in,1)
+    unit = {"stride_xk": 1, "stride_on": 1}
+    if is_forward:
+        unit.update(stride_wk=1, stride_rk=1, stride_er=1)
+    else:
+        unit.update(stride_wn=1, stride_rr=1, stride_en=1)
+    constexprs = dict(HAS_BIAS=has_bias, MASK_LIVE=not is_forward, EMIT_LOW_RANK=not is_forward,
+                      R_PAD=config.r_pad, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k,
+                      GROUP_M=configs.GROUP_M, DOT_PRECISION=flags.get("DOT_PRECISION", "tf32"), **unit)
+    pointer_types = {"x_ptr": dtype, "wt_ptr": dtype, "bias_ptr": dtype, "rank_in_ptr": dtype,
+                     "rank_out_ptr": dtype, "live_rank_ptr": "i64", "low_rank_ptr": "fp32", "out_ptr": dtype}
+    signature, attrs = configs.aot_signature(fn.arg_names, pointer_types, constexprs)
+    return fn, signature, constexprs, attrs
