@@ -111,7 +111,12 @@ setup(
     name="selora_kernels",
     version="0.1.0",
     description="SeLoRA: LoRA adapters that grow rank at run time inside fixed capacity buffers",
-    packages=find_packages(include=["selora_kernels", "selora_kernels.*"]),
+    # the programs of python/ install as selora_kernels_programs, behind console scripts
+    packages=find_packages(include=["selora_kernels", "selora_kernels.*"]) + ["selora_kernels_programs"],
+    package_dir={"selora_kernels_programs": "python"},
+    entry_points={"console_scripts": [
+        f"selora-{name}=selora_kernels_programs.{name}:main"
+        for name in ("finetune", "generate", "evaluate", "compare", "demo")]},
     python_requires=">=3.10",
     ext_modules=ext_modules,
     cmdclass=cmdclass,

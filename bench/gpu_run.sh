@@ -134,7 +134,7 @@ fi
 if [ "$DRY_RUN" = 1 ]; then
   # Venv-less install of the pure-Python package into a temp target, then import it from elsewhere. Built
   # from a copy of the sources, so that pip's in-tree build leaves no build/ or egg-info in the repo.
-  run_step package 180 1 "mkdir -p '$WORK/src' && tar --exclude=__pycache__ --exclude='*.so' -cf - setup.py selora_kernels csrc \
+  run_step package 180 1 "mkdir -p '$WORK/src' && tar --exclude=__pycache__ --exclude='*.so' -cf - setup.py selora_kernels csrc python \
     | tar -xf - -C '$WORK/src' && cd '$WORK/src' \
     && SELORA_SKIP_EXTENSION=1 $PY -m pip install -q --no-build-isolation --no-deps --no-index --target '$WORK/pkg' . \
     && cd /tmp && PYTHONPATH='$WORK/pkg' $PY -c 'import selora_kernels, sys; print(\"imported\", selora_kernels.__version__, \"from\", selora_kernels.__file__)'"

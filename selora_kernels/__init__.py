@@ -1,12 +1,19 @@
 """selora_kernels: SeLoRA (self-expanding LoRA) adapters with fused kernels, for diffusion fine-tuning.
 
-Public API only; the layers below are kernels <- ops <- optim <- nn <- expansion <- integrations.
+Public API only; the layers below are kernels <- ops <- optim <- nn <- expansion <- integrations
+<- training / baselines / evaluation.
 """
 from .config import SeLoRAConfig
+from .expansion.controller import ExpansionController
+from .integrations.adapter_io import (export_peft_lora, load_adapter, merge_selora, peft_metadata,
+                                      peft_state_dict, save_adapter)
+from .integrations.targets import inject_selora, selora_modules
 from .nn.growth import expand_modules
 from .nn.selora_linear import FisherScores, SeLoRALinear
 from .optim.selora_adamw import SeLoRAAdamW
 
 __version__ = "0.1.0"
 
-__all__ = ["SeLoRAConfig", "SeLoRALinear", "SeLoRAAdamW", "FisherScores", "expand_modules", "__version__"]
+__all__ = ["SeLoRAConfig", "SeLoRALinear", "SeLoRAAdamW", "FisherScores", "expand_modules",
+           "ExpansionController", "inject_selora", "selora_modules", "save_adapter", "load_adapter",
+           "export_peft_lora", "merge_selora", "peft_state_dict", "peft_metadata", "__version__"]

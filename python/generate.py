@@ -1,0 +1,66 @@
+"""Generate one image per prompt with a Stable Diffusion pipeline and an adapter (argument parsing only; the
+work is in selora_kernels.evaluation.generation).
+
+    python -m python.generate --adapter runs/selora/peft_lora --prompts prompts.txt --seeds 0 1 2 --out gen/
+    python -m python.generate --pretrained /models/sd15 --adapter runs/lora/best --prompts-from real/ --out gen/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from selora_kernels.evaluation.generation import (PAPER_GUIDANCE, PAPER_STEPS, generate_for_seeds,
+                                                  load_pipeline_with_adapter)
+
+
+def read_prompts(args) -> list:
+    if args.prompts_from:
+        path = os.path.join(args.prompts_from, "metadata.jsonl")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--prompts-from {args.prompts_from}: no metadata.jsonl (file_name, text) there")
+        with open(path) as handle:
+            return [json.loads(line)["text"] for line in handle if line.strip()]
+    if args.prompts is None:
+        raise ValueError("give --prompts FILE (one prompt per line) or --prompts-from FOLDER (metadata.jsonl)")
+    with open(args.prompts) as handle:
+        return [line.strip() for line in handle if line.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m python.generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--pretrained", default=None, help="local diffusers folder (default: the tiny pipeline)")
+    p.add_argument("--adapter", default=None, help="folder with pytorch_lora_weights.safetensors (any method)")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line")
+    p.add_argument("--prompts-from", default=None, help="an image folder with metadata.jsonl (e.g. real test images)")
+    p.add_argument("--out", required=True, help="output folder; one sub-folder seed_<s> per seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=PAPER_STEPS)
+    p.add_argument("--guidance", type=float, default=PAPER_GUIDANCE)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--resolution", type=int, default=None, help="height = width (default: the pipeline's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--pipeline-seed", type=int, default=0, help="seed of the tiny pipeline's random weights")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        prompts = read_prompts(args)
+        pipe = load_pipeline_with_adapter(args.pretrained, args.adapter, device=args.device, seed=args.pipeline_seed)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    folders = generate_for_seeds(pipe, prompts, args.seeds, args.out, num_inference_steps=args.steps,
+                                 guidance_scale=args.guidance, batch_size=args.batch_size, height=args.resolution,
+                                 width=args.resolution, progress=not args.no_progress)
+    print("\n".join(folders))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

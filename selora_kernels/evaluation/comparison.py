@@ -1,0 +1,208 @@
+"""One command reproduces the comparison: fine-tune each method on the same data and seed, generate the test
+prompts over several seeds, score FID-64/192/2048 + CLIP, write the report (SELORA_SPEC sections 4-5).
+
+    run_comparison(CompareOptions(methods=("selora", "lora", "dylora", "adalora"), thresholds=(1.0, 1.1, 1.3)))
+
+Fine-tuning goes through one function, `finetune_run(options, method, threshold, output_dir)`, which calls
+selora_kernels.training.finetune.run_finetune; pass another `finetune_fn` to run_comparison to change it.
+Evaluation images are the last split of the dataset (IU X-Ray: the 4 % test split; datasets with two splits:
+the validation split), preprocessed like the training images.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from .generation import PAPER_GUIDANCE, PAPER_STEPS, generate_for_seeds, load_pipeline_with_adapter, save_images
+from .metrics import Evaluator, build_tiny_clip, evaluate_folders, write_random_inception_weights
+from .report import MethodRun, write_report
+
+KNOWN_METHODS = ("selora", "lora", "dylora", "adalora")
+PEFT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class CompareOptions:
+    output_dir: str = "runs/compare"
+    methods: Sequence[str] = KNOWN_METHODS
+    thresholds: Sequence[float] = (1.1,)  # SeLoRA lambdas: one run each (Table 3: 1.0, 1.1, 1.3)
+    pretrained: Optional[str] = None  # local diffusers folder; None: the tiny pipeline
+    dataset: str = "synthetic"
+    data_dir: Optional[str] = None
+    synthetic_count: int = 24
+    epochs: int = 1
+    batch_size: int = 8
+    resolution: Optional[int] = None
+    lr: float = 1e-4
+    interval: int = 40
+    seed: int = 0
+    max_steps: Optional[int] = None
+    eval_seeds: Sequence[int] = (0, 1, 2)
+    num_inference_steps: int = PAPER_STEPS
+    guidance_scale: float = PAPER_GUIDANCE
+    generation_batch_size: int = 8
+    max_eval_prompts: Optional[int] = None
+    inception_weights: Optional[str] = None
+    clip_model: Optional[str] = None
+    stand_in_eval_models: bool = False  # random Inception + tiny CLIP: plumbing only, numbers meaningless
+    inception_input_size: int = 299
+    kid: bool = False
+    device: str = "cpu"
+    progress: bool = True
+    extra_finetune: Dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in KNOWN_METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"--methods: unknown {unknown}; choose from {KNOWN_METHODS}")
+        if not self.eval_seeds:
+            raise ValueError("--eval-seeds: need at least one seed")
+
+
+DISPLAY_NAMES = {"selora": "SeLoRA", "lora": "LoRA (r=4)", "dylora": "DyLoRA (r<=4)", "adalora": "AdaLoRA (6->4)"}
+
+
+def run_name(method: str, threshold: Optional[float]) -> str:
+    """Folder name of a run."""
+    return f"{method}_lambda{threshold:g}" if method == "selora" else method
+
+
+def display_name(method: str, threshold: Optional[float]) -> str:
+    return f"SeLoRA (lambda={threshold:g})" if method == "selora" else DISPLAY_NAMES[method]
+
+
+def evaluation_split(options: CompareOptions):
+    """(prompts, PIL images) of the split used for evaluation, preprocessed to the training resolution."""
+    from ..training.data import SPLITS, load_records, split_records
+    from ..training.tiny_pipeline import TINY_RESOLUTION
+    from .metrics import resize_center_crop
+
+    records = load_records(options.dataset, options.data_dir, seed=options.seed,
+                           synthetic_count=options.synthetic_count, synthetic_size=resolution_of(options))
+    splits = split_records(records, SPLITS[options.dataset])
+    resolution = resolution_of(options)
+    prompts, images = [], []
+    for record in splits[-1][:options.max_eval_prompts]:
+        from PIL import Image
+
+        image = record.image if isinstance(record.image, Image.Image) else Image.open(record.image)
+        images.append(resize_center_crop(image.convert("RGB"), resolution))
+        prompts.append(record.caption)
+    return prompts, images, len(splits[0])
+
+
+def resolution_of(options: CompareOptions) -> int:
+    from ..training.tiny_pipeline import TINY_RESOLUTION
+
+    return options.resolution or (TINY_RESOLUTION if options.pretrained is None else 224)
+
+
+def total_training_steps(options: CompareOptions, train_size: int) -> int:
+    """The trainer's step count: epochs x ceil(train / batch), capped by max_steps (AdaLoRA's budget needs it)."""
+    steps = options.epochs * math.ceil(train_size / options.batch_size)
+    return min(steps, options.max_steps) if options.max_steps is not None else steps
+
+
+def finetune_run(options: CompareOptions, method: str, threshold: Optional[float], output_dir: str,
+                 total_steps: int):
+    """Fine-tunes one method with selora_kernels.training (same data, seed and schedule for every method)."""
+    from ..baselines import baseline_factory, register_baselines
+    from ..training import methods as training_methods
+    from ..training.finetune import FinetuneOptions, run_finetune
+
+    register_baselines()
+    # the trainer builds methods as factory(config, seed=...): bind AdaLoRA's step count here
+    training_methods.register_method("adalora", lambda config, seed=0, **kw: baseline_factory("adalora")(
+        config, seed=seed, total_steps=kw.pop("total_steps", total_steps), **kw))
+    finetune_options = FinetuneOptions(
+        output_dir=output_dir, pretrained=options.pretrained, dataset=options.dataset, data_dir=options.data_dir,
+        synthetic_count=options.synthetic_count, epochs=options.epochs, batch_size=options.batch_size,
+        resolution=options.resolution, lr=options.lr, method=method,
+        threshold=threshold if threshold is not None else 1.1, interval=options.interval, seed=options.seed,
+        max_steps=options.max_steps, progress=options.progress, **options.extra_finetune)
+    return run_finetune(finetune_options)
+
+
+def exported_adapter(run_dir: str) -> str:
+    """The adapter folder to generate with: the best-validation export, else the final one."""
+    for candidate in (os.path.join(run_dir, "best"), os.path.join(run_dir, "peft_lora")):
+        if os.path.isfile(os.path.join(candidate, PEFT_WEIGHT_NAME)):
+            return candidate
+    raise FileNotFoundError(f"{run_dir}: no {PEFT_WEIGHT_NAME} under best/ or peft_lora/ (did fine-tuning export?)")
+
+
+def adapter_parameter_report(adapter_dir: str, pipe) -> Dict[str, Dict[str, float]]:
+    """Adapter parameters at the end of training (live ranks) per part, and % of that part's parameters."""
+    from safetensors import safe_open
+
+    counts = {"unet": 0, "text_encoder": 0}
+    with safe_open(os.path.join(adapter_dir, PEFT_WEIGHT_NAME), framework="pt") as handle:
+        for key in handle.keys():
+            part = key.split(".", 1)[0]
+            if part in counts:
+                counts[part] += int(math.prod(handle.get_slice(key).get_shape()))
+    report = {}
+    for part, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+        # the pipeline has the adapter loaded: count only the frozen base
+        base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+        report[part] = {"trainable": counts[part], "base": base, "percent": 100.0 * counts[part] / base}
+    total_base = sum(r["base"] for r in report.values())
+    total = sum(counts.values())
+    report["total"] = {"trainable": total, "base": total_base, "percent": 100.0 * total / total_base}
+    return report
+
+
+def build_evaluator(options: CompareOptions) -> Evaluator:
+    inception_weights, clip_model = options.inception_weights, options.clip_model
+    if options.stand_in_eval_models:
+        standins = Path(options.output_dir) / "stand_in_eval_models"
+        inception_weights = write_random_inception_weights(str(standins / "inception_random.pth"))
+        clip_model = build_tiny_clip(str(standins / "tiny_clip"))
+    return Evaluator.from_paths(inception_weights, clip_model, kid=options.kid,
+                                inception_input_size=options.inception_input_size, device=options.device)
+
+
+def run_comparison(options: CompareOptions, finetune_fn: Optional[Callable] = None) -> Path:
+    """Fine-tunes, generates, evaluates every method; returns the report.md path."""
+    finetune_fn = finetune_fn or finetune_run
+    output = Path(options.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    evaluator = build_evaluator(options)  # before training: missing weights fail in seconds, not hours
+    prompts, real_images, train_size = evaluation_split(options)
+    real_dir = save_images(real_images, prompts, str(output / "real"))
+    evaluator.set_real(real_images)
+    total_steps = total_training_steps(options, train_size)
+    plan = [(m, t) for m in options.methods for t in (options.thresholds if m == "selora" else (None,))]
+    runs: List[MethodRun] = []
+    for method, threshold in plan:
+        name = run_name(method, threshold)
+        run_dir = str(output / "runs" / name)
+        finetune_fn(options, method, threshold, run_dir, total_steps)
+        adapter = exported_adapter(run_dir)
+        pretrained = options.pretrained or os.path.join(run_dir, "tiny_pipeline")
+        pipe = load_pipeline_with_adapter(pretrained, adapter, device=options.device, seed=options.seed)
+        folders = generate_for_seeds(pipe, prompts, options.eval_seeds, str(output / "generated" / name),
+                                     num_inference_steps=options.num_inference_steps,
+                                     guidance_scale=options.guidance_scale,
+                                     batch_size=options.generation_batch_size, progress=options.progress)
+        evaluation = evaluate_folders(evaluator, folders, real_dir)
+        ranks_file = os.path.join(run_dir, "final_ranks.json")
+        ranks = json.loads(Path(ranks_file).read_text()) if os.path.isfile(ranks_file) else None
+        log = os.path.join(run_dir, "train_log.csv")
+        runs.append(MethodRun(name=display_name(method, threshold), method=method, metrics=evaluation["summary"],
+                              parameters=adapter_parameter_report(adapter, pipe),
+                              train_log=log if os.path.isfile(log) else None, ranks=ranks or None,
+                              samples_dir=folders[0], threshold=threshold))
+        (output / "per_seed.json").open("a").write(json.dumps({"run": name, **evaluation}, default=str) + "\n")
+    notes = [f"{len(prompts)} evaluation prompts, seeds {list(options.eval_seeds)}, "
+             f"{options.num_inference_steps} sampler steps, guidance {options.guidance_scale}; "
+             f"{total_steps} training steps per method, seed {options.seed}."]
+    if options.stand_in_eval_models:
+        notes.append("Evaluation used RANDOMLY INITIALISED Inception and CLIP stand-ins (--stand-in-eval-models): "
+                     "the FID/CLIP numbers test the plumbing only and mean nothing.")
+    (output / "compare_options.json").write_text(json.dumps(asdict(options), indent=2, default=str))
+    return write_report(runs, output / "report", real_dir=real_dir, notes=notes)

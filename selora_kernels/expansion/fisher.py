@@ -1,0 +1,79 @@
+"""FI-Scores of many modules at once, with a single device-to-host transfer.
+
+Per module the statistics tensor (3, capacity + 1) holds sums over samples of squared per-sample
+gradients per slot (ops.reference). The FI-Score (eq. 4, Fisher in the eq.-3 scale) is the sum over live
+slots divided by the number of samples; the expanded score adds the trial slot (SELORA_SPEC section 2):
+
+    FI_orig = sum_{k < r} (F_A[k] + F_B[k]) / N        FI_exp = FI_orig + (F_A[trial] + F_B[trial]) / N
+
+The reductions run on the device; the (modules x 3) table of [live sum, trial sum, N] is optionally summed
+over processes (every process then decides identically) and read back once.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from ..nn.selora_linear import FisherScores, fi_ratio
+from ..ops.reference import FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT
+
+
+def fisher_table(modules: Sequence, statistics: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """(len(modules), 3) float64 table on the modules' device: live-slot sum, trial-slot sum, samples."""
+    if statistics is None:
+        statistics = [m.fisher_statistics() for m in modules]
+    rows = []
+    for module, stats in zip(modules, statistics):
+        per_slot = (stats[FISHER_ROW_A] + stats[FISHER_ROW_B]).double()
+        rows.append(torch.stack([per_slot[:module.rank].sum(), per_slot[-1], stats[FISHER_ROW_COUNT, 0].double()]))
+    return torch.stack(rows)
+
+
+def scores_from_table(table: Sequence[Sequence[float]], fisher_scale: float = 1.0) -> List[FisherScores]:
+    """FisherScores per row of a host table; `fisher_scale` multiplies Fisher values (AMP, accumulation)."""
+    scores = []
+    for live, trial, samples in table:
+        if samples <= 0:
+            scores.append(FisherScores(0.0, 0.0, 1.0, 0))
+            continue
+        original = live * fisher_scale / samples
+        expanded = original + trial * fisher_scale / samples
+        scores.append(FisherScores(original, expanded, fi_ratio(original, expanded), int(samples)))
+    return scores
+
+
+def batched_fisher_scores(modules: Sequence, statistics: Optional[Sequence[torch.Tensor]] = None,
+                          reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                          fisher_scale: float = 1.0) -> List[FisherScores]:
+    """FisherScores of every module (one host sync).
+
+    reduce: applied to the device table before the read-back, e.g. distributed.all_reduce_sum_ (sums of
+    squared per-sample gradients and sample counts add up across processes).
+    fisher_scale: multiplies every Fisher value to bring it to the eq.-3 scale: (accumulation steps /
+    loss scale)^2 when the backward saw a loss divided by the accumulation steps and multiplied by an AMP
+    loss scale. Ratios do not depend on it.
+    """
+    modules = list(modules)
+    if not modules:
+        return []
+    table = fisher_table(modules, statistics)
+    if reduce is not None:
+        table = reduce(table)
+    return scores_from_table(table.cpu().tolist(), fisher_scale)
+
+
+def squared_gradient_norms(modules: Sequence, extra_slot: bool = False) -> torch.Tensor:
+    """(len(modules),) float64 device tensor: ||grad A||^2 + ||grad B||^2 over the live slots of each module
+    (the released script's "Fisher": the square of the batch-mean gradient). extra_slot: include slot `rank`
+    (a trial slot made temporarily live). Missing gradients count as zero. No host sync."""
+    values = []
+    for module in modules:
+        slots = module.rank + (1 if extra_slot else 0)
+        total = torch.zeros((), dtype=torch.float64, device=module.lora_A.device)
+        if module.lora_A.grad is not None:
+            total = total + module.lora_A.grad[:slots].double().square().sum()
+        if module.lora_B.grad is not None:
+            total = total + module.lora_B.grad[:, :slots].double().square().sum()
+        values.append(total)
+    return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64)

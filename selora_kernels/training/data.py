@@ -1,0 +1,272 @@
+"""Image-caption datasets for fine-tuning: a captioned image folder, IU X-Ray, Montgomery County CXR.
+
+Every loader returns records (image source, caption); `ImageCaptionDataset` preprocesses them the way the
+paper does: short side resized to the resolution (224 or 384 in the paper), centre crop, RGB in [-1, 1],
+captions tokenized and truncated to the tokenizer limit (77 with BOS/EOS for CLIP). Images that are
+missing or unreadable are checked up front and reported with their path: skipped with a warning
+(on_error="skip") or raised (on_error="fail"), never dropped silently.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import re
+from pathlib import Path
+from typing import List, NamedTuple, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+SPLITS = {  # fractions of (train, validation[, test]) from the paper / released code
+    "iu_xray": (0.80, 0.16, 0.04),
+    "montgomery": (0.8, 0.2),
+    "folder": (0.9, 0.1),
+    "synthetic": (0.75, 0.25),
+}
+
+
+class Record(NamedTuple):
+    image: Union[str, Path, Image.Image]  # a file, or an image made in memory (synthetic data)
+    caption: str
+
+
+# ---------------------------------------------------------------------------- preprocessing
+def preprocess_image(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Short side to `resolution` (bilinear), centre crop to a square, (3, res, res) float in [-1, 1]."""
+    image = image.convert("RGB")
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(size, Image.BILINEAR)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    pixels = data.view(resolution, resolution, 3).permute(2, 0, 1).float()
+    return pixels / 127.5 - 1.0
+
+
+def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
+    """Token ids padded and truncated to the tokenizer limit (CLIP: 77 with BOS/EOS)."""
+    return tokenizer(list(captions), padding="max_length", truncation=True,
+                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+
+
+def check_images(records: Sequence[Record], on_error: str = "skip") -> List[Record]:
+    """Records whose image opens and decodes; bad ones are reported with their path (and skipped or raised)."""
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    good, bad = [], []
+    for record in records:
+        if isinstance(record.image, Image.Image):
+            good.append(record)
+            continue
+        path = Path(record.image)
+        try:
+            if not path.is_file():
+                raise FileNotFoundError("file not found")
+            with Image.open(path) as handle:
+                handle.load()
+            good.append(record)
+        except Exception as error:  # PIL raises several types for corrupt files
+            reason = f"{type(error).__name__}: {error}"
+            if on_error == "fail":
+                raise ValueError(f"image {path} cannot be read ({reason}); fix or remove it, or pass "
+                                 f"--on-bad-image skip") from error
+            bad.append((path, reason))
+    for path, reason in bad:
+        logger.warning("skipping image %s (%s)", path, reason)
+    if bad:
+        logger.warning("skipped %d of %d images that could not be read", len(bad), len(records))
+    return good
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Preprocessed (pixel_values, input_ids, caption) examples of checked records."""
+
+    def __init__(self, records: Sequence[Record], tokenizer, resolution: int, on_error: str = "skip",
+                 name: str = "dataset"):
+        self.records = check_images(records, on_error)
+        if not self.records:
+            raise ValueError(f"{name}: no readable images (of {len(records)} records)")
+        self.tokenizer = tokenizer
+        self.resolution = resolution
+        self.input_ids = tokenize(tokenizer, [r.caption for r in self.records])
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        record = self.records[index]
+        if isinstance(record.image, Image.Image):
+            pixels = preprocess_image(record.image, self.resolution)
+        else:
+            with Image.open(record.image) as handle:
+                pixels = preprocess_image(handle, self.resolution)
+        return {"pixel_values": pixels, "input_ids": self.input_ids[index], "caption": record.caption}
+
+
+# ---------------------------------------------------------------------------- splits
+def split_records(records: Sequence[Record], fractions: Sequence[float], seed: int = 42,
+                  names: Sequence[str] = ("train", "validation", "test")) -> List[List[Record]]:
+    """Shuffles with a fixed seed and cuts by `fractions`; raises ValueError for an empty split."""
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must sum to 1, got {list(fractions)}")
+    shuffled = list(records)
+    random.Random(seed).shuffle(shuffled)
+    splits, start = [], 0
+    for i, fraction in enumerate(fractions):
+        end = len(shuffled) if i == len(fractions) - 1 else start + round(fraction * len(shuffled))
+        splits.append(shuffled[start:end])
+        start = end
+    for name, split, fraction in zip(names, splits, fractions):
+        if not split:
+            raise ValueError(f"the {name} split is empty: {len(shuffled)} records split by {list(fractions)} "
+                             f"gives {[len(s) for s in splits]}; expected at least one record per split "
+                             f"(add data or change the fractions)")
+    return splits
+
+
+# ---------------------------------------------------------------------------- captioned folder
+def load_folder_records(data_dir, caption_column: str = "text") -> List[Record]:
+    """A folder with images and `metadata.jsonl` or `metadata.csv` (columns `file_name` + a caption column)."""
+    data_dir = Path(data_dir)
+    jsonl, csv_path = data_dir / "metadata.jsonl", data_dir / "metadata.csv"
+    if jsonl.is_file():
+        source = jsonl
+        rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif csv_path.is_file():
+        source = csv_path
+        with open(csv_path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        raise FileNotFoundError(f"{data_dir}: no metadata.jsonl or metadata.csv (expected one, with columns "
+                                f"file_name and {caption_column!r})")
+    if not rows:
+        raise ValueError(f"{source}: no rows")
+    columns = list(rows[0].keys())
+    for column in ("file_name", caption_column):
+        if column not in columns:
+            raise ValueError(f"{source}: missing column {column!r}; columns found: {columns} "
+                             f"(choose the caption column with --caption-column)")
+    return [Record(data_dir / row["file_name"], str(row[caption_column] or "")) for row in rows]
+
+
+# ---------------------------------------------------------------------------- IU X-Ray
+def _find_dir(root: Path, candidates: Sequence[str]) -> Path:
+    for candidate in candidates:
+        if (root / candidate).is_dir():
+            return root / candidate
+    raise FileNotFoundError(f"{root}: no image folder; looked for {list(candidates)}")
+
+
+def load_iu_xray_records(data_dir) -> List[Record]:
+    """IU X-Ray (Kaggle layout): indiana_reports.csv (uid, findings, ...), indiana_projections.csv
+    (uid, filename, projection) and images/images_normalized/. Frontal images, findings as the prompt;
+    reports without findings are dropped (counted in the log)."""
+    root = Path(data_dir)
+    reports_path, projections_path = root / "indiana_reports.csv", root / "indiana_projections.csv"
+    for path in (reports_path, projections_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"IU X-Ray: {path} not found (expected indiana_reports.csv and "
+                                    f"indiana_projections.csv in {root})")
+    with open(reports_path, newline="", encoding="utf-8") as handle:
+        reports = list(csv.DictReader(handle))
+    with open(projections_path, newline="", encoding="utf-8") as handle:
+        projections = list(csv.DictReader(handle))
+    for name, rows, needed in (("indiana_reports.csv", reports, ("uid", "findings")),
+                               ("indiana_projections.csv", projections, ("uid", "filename", "projection"))):
+        missing = [c for c in needed if rows and c not in rows[0]]
+        if missing:
+            raise ValueError(f"IU X-Ray: {root / name} lacks columns {missing}; found {list(rows[0])}")
+    image_dir = _find_dir(root, ("images/images_normalized", "images_normalized", "images"))
+    findings = {row["uid"]: (row["findings"] or "").strip() for row in reports}
+    records, without_findings = [], 0
+    for row in projections:
+        if row["projection"].strip().lower() != "frontal":
+            continue
+        text = findings.get(row["uid"], "")
+        if not text:
+            without_findings += 1
+            continue
+        records.append(Record(image_dir / row["filename"], text))
+    if without_findings:
+        logger.info("IU X-Ray: %d frontal images without findings were left out", without_findings)
+    return records
+
+
+# ---------------------------------------------------------------------------- Montgomery County
+def parse_montgomery_reading(text: str):
+    """(age, gender, findings) from a ClinicalReadings txt: 'Patient's Sex: M', 'Patient's Age: 040Y', text."""
+    age = gender = ""
+    findings = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        sex = re.match(r"patient'?s\s+sex\s*:\s*(.*)", stripped, re.IGNORECASE)
+        years = re.match(r"patient'?s\s+age\s*:\s*(.*)", stripped, re.IGNORECASE)
+        if sex:
+            gender = sex.group(1).strip()
+        elif years:
+            digits = re.match(r"0*(\d+)", years.group(1).strip())
+            age = digits.group(1) if digits else years.group(1).strip()
+        else:
+            findings.append(stripped)
+    return age, gender, " ".join(findings)
+
+
+def montgomery_prompt(age: str, gender: str, findings: str) -> str:
+    return f"age:{age}, gender:{gender}, findings:{findings}"
+
+
+def load_montgomery_records(data_dir) -> List[Record]:
+    """Montgomery County CXR: CXR_png/*.png with ClinicalReadings/<same stem>.txt."""
+    root = Path(data_dir)
+    image_dir = _find_dir(root, ("CXR_png", "images"))
+    readings_dir = _find_dir(root, ("ClinicalReadings", "readings"))
+    records = []
+    for image in sorted(image_dir.glob("*.png")):
+        reading = readings_dir / f"{image.stem}.txt"
+        if not reading.is_file():
+            logger.warning("Montgomery: no clinical reading %s for image %s: image left out", reading, image)
+            continue
+        records.append(Record(image, montgomery_prompt(*parse_montgomery_reading(
+            reading.read_text(encoding="utf-8", errors="replace")))))
+    if not records:
+        raise ValueError(f"Montgomery: no image with a clinical reading under {root} (expected CXR_png/*.png "
+                         f"and ClinicalReadings/*.txt)")
+    return records
+
+
+# ---------------------------------------------------------------------------- one entry point
+def load_records(dataset: str, data_dir=None, caption_column: str = "text", seed: int = 0,
+                 synthetic_count: int = 24, synthetic_size: int = 64) -> List[Record]:
+    if dataset == "synthetic":
+        from .synthetic_data import synthetic_records
+
+        return synthetic_records(synthetic_count, synthetic_size, seed=seed)
+    if data_dir is None:
+        raise ValueError(f"--dataset {dataset} needs --data-dir")
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"--data-dir {data_dir} is not a directory")
+    if dataset == "folder":
+        return load_folder_records(data_dir, caption_column)
+    if dataset == "iu_xray":
+        return load_iu_xray_records(data_dir)
+    if dataset == "montgomery":
+        return load_montgomery_records(data_dir)
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(SPLITS)}")
+
+
+def build_datasets(dataset: str, tokenizer, resolution: int, data_dir=None, caption_column: str = "text",
+                   split_seed: int = 42, on_error: str = "skip", fractions: Optional[Sequence[float]] = None,
+                   **kwargs):
+    """(train, validation) ImageCaptionDatasets (a test split, if any, is left for evaluation)."""
+    records = load_records(dataset, data_dir, caption_column, **kwargs)
+    splits = split_records(records, fractions or SPLITS[dataset], seed=split_seed)
+    return (ImageCaptionDataset(splits[0], tokenizer, resolution, on_error, name=f"{dataset} train split"),
+            ImageCaptionDataset(splits[1], tokenizer, resolution, on_error, name=f"{dataset} validation split"))

@@ -1,0 +1,355 @@
+"""The fine-tuning loop: epsilon-prediction MSE on a Stable Diffusion pipeline with a pluggable adapter method.
+
+Per step: VAE latents (frozen), noise and timesteps uniform in 0..num_train_timesteps-1 drawn from a
+generator seeded by (seed, step) (so a resumed run draws exactly what the original would), text encoder +
+UNet forward (both adapted), MSE to the noise, backward, optimizer step, the method's hook (SeLoRA: the
+expansion test every t steps). Validation each epoch keeps the best adapter. Every `log_every` steps a log
+row goes to CSV and TensorBoard; every `checkpoint_every` steps an atomic checkpoint (adapter, optimizer,
+step, method state) is written, so a crash loses at most the steps since the last one.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .methods import AdapterMethod
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest.json"
+ADAPTER_FILE = "adapter.safetensors"
+STATE_FILE = "training_state.pt"
+
+
+@dataclass
+class TrainOptions:
+    output_dir: str
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 1e-4
+    seed: int = 0
+    mixed_precision: str = "no"  # "no" (fp32), "bf16", "fp16" (GPU, with a GradScaler)
+    max_steps: Optional[int] = None
+    log_every: int = 40
+    checkpoint_every: Optional[int] = None  # steps; None: at every log row
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None  # a checkpoint folder, or an output folder (its latest checkpoint)
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mixed_precision not in ("no", "fp32", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no/fp32, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    best_validation_loss: float
+    ranks: Dict[str, int]
+    output_dir: Path
+    history: List[dict] = field(default_factory=list)
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+
+
+def _write_json_atomic(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder from a checkpoint folder or an output folder (via checkpoints/latest.json)."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    latest = path / CHECKPOINT_DIR / LATEST
+    if latest.is_file():
+        return path / CHECKPOINT_DIR / json.loads(latest.read_text())["checkpoint"]
+    raise FileNotFoundError(f"--resume {path}: neither a checkpoint folder (with {STATE_FILE}) nor an output "
+                            f"folder with {CHECKPOINT_DIR}/{LATEST}")
+
+
+class Trainer:
+    def __init__(self, pipe, method: AdapterMethod, train_dataset, validation_dataset, options: TrainOptions):
+        from accelerate import Accelerator
+        from diffusers import DDPMScheduler
+
+        self.options = options
+        self.output_dir = Path(options.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        precision = "no" if options.mixed_precision == "fp32" else options.mixed_precision
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        self.pipe, self.method = pipe, method
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.vae, self.unet, self.text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
+        self.vae.requires_grad_(False)
+        self.train_dataset, self.validation_dataset = train_dataset, validation_dataset
+        method.inject({"unet": self.unet, "text_encoder": self.text_encoder})
+        self.resume_state = None
+        if options.resume:
+            self.resume_state = self._load_checkpoint(resolve_checkpoint(options.resume))
+        self.optimizer = method.make_optimizer(options.lr)
+        device = self.accelerator.device
+        self.vae.to(device)
+        self.unet, self.text_encoder, self.optimizer = self.accelerator.prepare(
+            self.unet, self.text_encoder, self.optimizer)
+        method.attach(self.optimizer, grad_scaler=self.accelerator.scaler)
+        self.step, self.best_validation = 0, math.inf
+        if self.resume_state is not None:
+            self._restore_training_state(self.resume_state)
+        self.steps_per_epoch = math.ceil(len(train_dataset) / options.batch_size)
+        self.log_path = self.output_dir / "train_log.csv"
+        self.writer = None
+        if options.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    # ------------------------------------------------------------------ one step
+    def _prepare_batch(self, batch, step: int):
+        """Latents, noise, timesteps and noisy latents of a batch, drawn from the (seed, step) generator."""
+        device = self.accelerator.device
+        gen = _step_generator(self.options.seed, step)
+        with torch.no_grad():
+            pixels = batch["pixel_values"].to(device, dtype=self.vae.dtype)
+            posterior = self.vae.encode(pixels).latent_dist
+            latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device))
+            latents = latents * self.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=gen).to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return noisy, timesteps, target, batch["input_ids"].to(device)
+
+    def _loss(self, noisy, timesteps, target, input_ids, with_extra: bool = True) -> torch.Tensor:
+        with self.accelerator.autocast():
+            hidden = self.text_encoder(input_ids, return_dict=False)[0]
+            prediction = self.unet(noisy, timesteps, hidden, return_dict=False)[0]
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")
+        extra = self.method.extra_loss() if with_extra else None
+        return loss + extra if extra is not None else loss
+
+    def train_step(self, batch) -> float:
+        step = self.step
+        self.unet.train()
+        self.text_encoder.train()
+        self.method.before_forward(step)
+        noisy, timesteps, target, input_ids = self._prepare_batch(batch, step)
+        loss = self._loss(noisy, timesteps, target, input_ids)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        events = self.method.after_step(step, closure=lambda: self._loss(noisy, timesteps, target, input_ids,
+                                                                         with_extra=False))
+        self._log_events(events)
+        self.step += 1
+        return float(loss.detach())
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean loss over the validation set with fixed noise/timesteps (comparable across epochs)."""
+        self.unet.eval()
+        self.text_encoder.eval()
+        total, count = 0.0, 0
+        loader = torch.utils.data.DataLoader(self.validation_dataset, batch_size=self.options.batch_size)
+        for index, batch in enumerate(loader):
+            noisy, timesteps, target, input_ids = self._prepare_batch(batch, -1 - index)
+            loss = self._loss(noisy, timesteps, target, input_ids, with_extra=False)
+            total += float(loss) * len(input_ids)
+            count += len(input_ids)
+        return total / max(count, 1)
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> TrainResult:
+        options = self.options
+        total_steps = options.epochs * self.steps_per_epoch
+        if options.max_steps is not None:
+            total_steps = min(total_steps, options.max_steps)
+        self._trim_logs(self.step)
+        bar = tqdm(total=total_steps, initial=min(self.step, total_steps), desc="fine-tune",
+                   disable=not options.progress, dynamic_ncols=True)
+        window_loss, window_time, window_steps = 0.0, 0.0, 0
+        validation_rows, loss = [], math.nan
+        start_epoch = self.step // self.steps_per_epoch
+        for epoch in range(start_epoch, options.epochs):
+            if self.step >= total_steps:
+                break
+            loader = torch.utils.data.DataLoader(self.train_dataset, batch_size=options.batch_size, shuffle=True,
+                                                 generator=torch.Generator().manual_seed(options.seed + epoch))
+            skip = self.step - epoch * self.steps_per_epoch  # batches this epoch already trained (resume)
+            for index, batch in enumerate(loader):
+                if index < skip:
+                    continue
+                if self.step >= total_steps:
+                    break
+                began = time.perf_counter()
+                loss = self.train_step(batch)
+                window_time += time.perf_counter() - began
+                window_loss += loss
+                window_steps += 1
+                bar.update(1)
+                if self.step % options.log_every == 0:
+                    self._log_row(epoch, window_loss / window_steps, window_time / window_steps)
+                    window_loss, window_time, window_steps = 0.0, 0.0, 0
+                if self.step % (options.checkpoint_every or options.log_every) == 0:
+                    self.save_checkpoint(epoch)
+            if self.step == (epoch + 1) * self.steps_per_epoch or self.step >= total_steps:
+                validation = self.validate()
+                improved = validation < self.best_validation
+                if improved:
+                    self.best_validation = validation
+                    self._save_best(epoch, validation)
+                validation_rows.append({"epoch": epoch, "step": self.step, "validation_loss": validation,
+                                        "best": improved})
+                self._append_csv(self.output_dir / "validation.csv", validation_rows[-1])
+                if self.writer:
+                    self.writer.add_scalar("validation/loss", validation, self.step)
+                bar.set_postfix(loss=f"{loss:.4f}", rank=sum(self.method.ranks().values()),
+                                val=f"{validation:.4f}", best=f"{self.best_validation:.4f}")
+        bar.close()
+        if window_steps:
+            self._log_row(self.step // self.steps_per_epoch, window_loss / window_steps, window_time / window_steps)
+        self.save_checkpoint(self.step // max(self.steps_per_epoch, 1))
+        if self.writer:
+            self.writer.close()
+        return TrainResult(self.step, self.best_validation, self.method.ranks(), self.output_dir, validation_rows)
+
+    # ------------------------------------------------------------------ logs
+    def _log_row(self, epoch: int, loss: float, step_time: float) -> None:
+        ranks = self.method.ranks()
+        memory = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+        row = {"step": self.step, "epoch": epoch, "loss": round(loss, 6), "total_rank": sum(ranks.values()),
+               "step_time_s": round(step_time, 4), "peak_gpu_mem_mb": round(memory, 1)}
+        row.update({f"rank:{name}": rank for name, rank in ranks.items()})
+        self._append_csv(self.log_path, row)
+        if self.writer:
+            for key in ("loss", "total_rank", "step_time_s", "peak_gpu_mem_mb"):
+                self.writer.add_scalar(f"train/{key}", row[key], self.step)
+            for name, rank in ranks.items():
+                self.writer.add_scalar(f"rank/{name}", rank, self.step)
+
+    def _log_events(self, events) -> None:
+        for event in events:
+            self._append_csv(self.output_dir / "expansions.csv",
+                             event._asdict() if hasattr(event, "_asdict") else dict(event))
+
+    @staticmethod
+    def _append_csv(path: Path, row: dict) -> None:
+        exists = path.is_file()
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if not exists:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def _trim_logs(self, step: int) -> None:
+        """On resume, drop log rows written after the checkpoint (the crashed run's lost steps)."""
+        for name in ("train_log.csv", "validation.csv", "expansions.csv"):
+            path = self.output_dir / name
+            if not path.is_file():
+                continue
+            with open(path, newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            if not rows:
+                continue
+            kept = [r for r in rows if int(r["step"]) < step or (name != "expansions.csv" and int(r["step"]) == step)]
+            with open(path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(kept)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _optimizer(self):
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def save_checkpoint(self, epoch: int) -> Path:
+        """Writes checkpoints/step-XXXXXX atomically (temp folder + rename), then points latest.json at it."""
+        root = self.output_dir / CHECKPOINT_DIR
+        root.mkdir(parents=True, exist_ok=True)
+        name = f"step-{self.step:07d}"
+        final = root / name
+        if final.exists():
+            return final
+        tmp = root / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        self.method.save(tmp / ADAPTER_FILE, extra_metadata={"step": self.step})
+        torch.save({"step": self.step, "epoch": epoch, "best_validation": self.best_validation,
+                    "optimizer": self._optimizer().state_dict(), "method_state": self.method.state_dict(),
+                    "method": self.method.describe(), "options": asdict(self.options)}, tmp / STATE_FILE)
+        os.replace(tmp, final)
+        _write_json_atomic(root / LATEST, {"checkpoint": name, "step": self.step})
+        old = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+        for stale in old[:-self.options.keep_checkpoints]:
+            shutil.rmtree(stale, ignore_errors=True)
+        return final
+
+    def _save_best(self, epoch: int, validation: float) -> None:
+        best = self.output_dir / "best"
+        self.method.save(best / ADAPTER_FILE, extra_metadata={"step": self.step, "epoch": epoch,
+                                                              "validation_loss": validation})
+        try:
+            self.method.export(best)
+        except NotImplementedError:
+            pass
+
+    def _load_checkpoint(self, folder: Path) -> dict:
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+        saved, current = state["method"], self.method.describe()
+        for key in sorted(set(saved) | set(current)):
+            if saved.get(key) != current.get(key):
+                raise ValueError(f"--resume {folder}: the checkpoint was trained with {key}={saved.get(key)!r}, "
+                                 f"this run has {key}={current.get(key)!r}; resume with the same settings")
+        for key in ("batch_size", "seed"):
+            if state["options"].get(key) != getattr(self.options, key):
+                raise ValueError(f"--resume {folder}: the checkpoint used {key}={state['options'].get(key)!r}, "
+                                 f"this run has {key}={getattr(self.options, key)!r}")
+        self.method.load(folder / ADAPTER_FILE)  # ranks and capacities first: the optimizer state fits them
+        logger.info("resuming from %s at step %d", folder, state["step"])
+        return state
+
+    def _restore_training_state(self, state: dict) -> None:
+        optimizer = self._optimizer()
+        saved = state["optimizer"]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        saved_count = sum(len(g["params"]) for g in saved["param_groups"])
+        if saved_count != len(params):
+            raise ValueError(f"--resume: the checkpoint's optimizer holds {saved_count} parameters, this run's "
+                             f"holds {len(params)}: a different model or target set")
+        for index, param in enumerate(params):
+            for key, value in saved["state"].get(index, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() == param.dim() and value.shape != param.shape:
+                    raise ValueError(f"--resume: optimizer state {key!r} of parameter {index} has shape "
+                                     f"{tuple(value.shape)}, the parameter has {tuple(param.shape)}: the "
+                                     f"checkpoint's ranks/capacities disagree with its adapter file")
+        optimizer.load_state_dict(saved)
+        self.method.load_state_dict(state["method_state"])
+        self.step = int(state["step"])
+        self.best_validation = float(state["best_validation"])
