@@ -19,6 +19,19 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
+
+
+def _load_find_cuda_home():
+    """selora_kernels/_cuda_home.py by path: the package itself is not importable while it is being built."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_selora_cuda_home", ROOT / "selora_kernels" / "_cuda_home.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.find_cuda_home
+
+
+find_cuda_home = _load_find_cuda_home()
 CPU_SOURCES = ["csrc/selora_ops.cpp"]
 CUDA_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
 
@@ -35,24 +48,6 @@ def _flag(name: str) -> str | None:
     raise SystemExit(f"{name}={value!r}: expected 0 or 1")
 
 
-def _find_cuda_home() -> str | None:
-    """CUDA_HOME as torch finds it, except that an nvcc wrapper script or symlink (e.g. /usr/local/bin/nvcc)
-    is resolved to a toolkit directory that really holds include/cuda_runtime.h and lib64/libcudart."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            return os.environ[var]
-    candidates = []
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
-    candidates.append(Path("/usr/local/cuda"))
-    candidates += sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
-    for home in candidates:
-        if (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists():
-            return str(home)
-    return str(Path(nvcc).parent.parent) if nvcc else None
-
-
 def _extensions():
     if _flag("SELORA_SKIP_EXTENSION") == "1":
         print("selora_kernels: SELORA_SKIP_EXTENSION=1, building the pure-Python package only")
@@ -66,7 +61,7 @@ def _extensions():
         ) from error
 
     build_cuda = _flag("SELORA_BUILD_CUDA")
-    cuda_home = _find_cuda_home()
+    cuda_home = find_cuda_home()
     nvcc_found = cuda_home is not None and (Path(cuda_home) / "bin" / "nvcc").exists()
     if build_cuda == "1":
         if torch.version.cuda is None or not nvcc_found:

@@ -17,37 +17,17 @@ An increment within timing noise (<= 0) is recorded as such and the vmap ratio a
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import pytest
 import torch
 from torch.func import grad, vmap
 
 
-class Shape(NamedTuple):
-    name: str
-    batch: int
-    tokens: int
-    d_in: int
-    d_out: int
-    note: str
+from sd_shapes import ALPHA, CPU_SHAPES as ALL_CPU_SHAPES, GPU_SHAPES  # noqa: E402
 
-
-GPU_SHAPES = [
-    Shape("unet64_attn_320", 8, 4096, 320, 320, "64x64 latents, level 1 attention"),
-    Shape("unet32_attn_640", 8, 1024, 640, 640, "level 2 attention"),
-    Shape("unet16_attn_1280", 8, 256, 1280, 1280, "level 3 attention"),
-    Shape("unet64_ff_proj_320_2560", 8, 4096, 320, 2560, "level 1 ff.net.0.proj"),
-    Shape("text_enc_768", 8, 77, 768, 768, "CLIP text encoder q/k/v"),
-]
-CPU_SHAPES = [
-    Shape("unet64_attn_320", 2, 1024, 320, 320, "scaled: 2x1024 tokens (GPU: 8x4096)"),
-    Shape("unet32_attn_640", 2, 256, 640, 640, "scaled: 2x256 tokens (GPU: 8x1024)"),
-    Shape("text_enc_768", 2, 77, 768, 768, "scaled: 2x77 tokens (GPU: 8x77)"),
-]
+CPU_SHAPES = [s for s in ALL_CPU_SHAPES if s.name in ("unet64_attn_320", "unet32_attn_640", "text_enc_768")]
 GPU_RANKS = [1, 4, 16]
 CPU_RANKS = [4, 16]
-ALPHA = 8.0
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 

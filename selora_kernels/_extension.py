@@ -25,6 +25,8 @@ import threading
 import warnings
 from pathlib import Path
 
+from ._cuda_home import find_cuda_home
+
 __all__ = ["extension_status", "has_extension", "load_extension", "EXTENSION_ENV", "JIT_LIBRARY_NAME"]
 
 EXTENSION_ENV = "SELORA_EXTENSION"
@@ -62,24 +64,6 @@ def _try_aot() -> None:
     import selora_kernels._C  # noqa: F401, PLC0415 (registers torch.ops.selora_ext)
 
 
-def _find_cuda_home() -> str | None:
-    """CUDA_HOME as torch finds it, except that an nvcc wrapper script or symlink (e.g. /usr/local/bin/nvcc)
-    is resolved to a toolkit directory that really holds include/cuda_runtime.h and lib64/libcudart."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            return os.environ[var]
-    candidates = []
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
-    candidates.append(Path("/usr/local/cuda"))
-    candidates += sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
-    for home in candidates:
-        if (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists():
-            return str(home)
-    return str(Path(nvcc).parent.parent) if nvcc else None
-
-
 def _jit_sources(with_cuda: bool) -> list[Path]:
     sources = [_CSRC / "selora_ops.cpp"]
     if with_cuda:
@@ -106,7 +90,7 @@ def _try_jit() -> None:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ({compiler!r} not on PATH)")
-    cuda_home = _find_cuda_home()
+    cuda_home = find_cuda_home()
     with_cuda = bool(
         torch.version.cuda
         and torch.cuda.is_available()

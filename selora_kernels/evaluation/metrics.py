@@ -342,18 +342,15 @@ def load_clip(path: Optional[str]):
 def build_tiny_clip(folder: str, image_size: int = 32, seed: int = 0) -> str:
     """Saves a randomly initialised tiny CLIPModel and a processor with a byte-level tokenizer to `folder`.
 
-    The tokenizer is written as files and reloaded with from_pretrained (transformers 5 ignores vocab/merges
-    file arguments in the constructor: ECOSYSTEM_NOTES); its 514 ids are bytes, bytes+</w> and BOS/EOS.
+    The tokenizer is the tiny pipeline's byte-level BPE one, written as files and reloaded with from_pretrained
+    (transformers 5 ignores vocab/merges file arguments in the constructor: ECOSYSTEM_NOTES).
     """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    vocab = {}
-    for suffix in ("", "</w>"):
-        for char in _bytes_to_unicode().values():
-            vocab[char + suffix] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    from ..training.tiny_pipeline import write_tiny_tokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(os.path.join(folder, "tokenizer_files"))))
+    vocab = tokenizer.get_vocab()
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
@@ -371,20 +368,6 @@ def build_tiny_clip(folder: str, image_size: int = 32, seed: int = 0) -> str:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
-
-
-def _bytes_to_unicode() -> Dict[int, str]:
-    """GPT-2/CLIP byte-to-printable-character table."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

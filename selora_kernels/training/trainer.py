@@ -122,16 +122,19 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(train_dataset) / options.batch_size)
         self.log_path = self.output_dir / "train_log.csv"
         self.writer = None
-        if options.tensorboard:
+        if options.tensorboard and self.accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
 
     # ------------------------------------------------------------------ one step
-    def _prepare_batch(self, batch, step: int):
+    def _prepare_batch(self, batch, step: int, per_process: bool = True):
         """Latents, noise, timesteps and noisy latents of a batch, drawn from the (seed, step) generator."""
         device = self.accelerator.device
-        gen = _step_generator(self.options.seed, step)
+        # one noise stream per (step, process): under multi-process training each process gets its own
+        # shard of the batch (see _shard) and its own noise; a single process keeps the (seed, step) stream
+        world, rank = (self.accelerator.num_processes, self.accelerator.process_index) if per_process else (1, 0)
+        gen = _step_generator(self.options.seed, step * world + rank)
         with torch.no_grad():
             pixels = batch["pixel_values"].to(device, dtype=self.vae.dtype)
             posterior = self.vae.encode(pixels).latent_dist
@@ -155,7 +158,19 @@ class Trainer:
         extra = self.method.extra_loss() if with_extra else None
         return loss + extra if extra is not None else loss
 
+    def _shard(self, batch):
+        """This process's share of a global batch (rows rank, rank + world, ...): the global batch size and
+        the steps per epoch stay those of a single process, whatever the number of processes."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if world == 1:
+            return batch
+        rows = len(batch["input_ids"])
+        if rows < world:
+            raise ValueError(f"a batch of {rows} cannot be shared by {world} processes: raise --batch-size")
+        return {key: value[rank::world] for key, value in batch.items()}
+
     def train_step(self, batch) -> float:
+        batch = self._shard(batch)
         step = self.step
         self.unet.train()
         self.text_encoder.train()
@@ -180,7 +195,7 @@ class Trainer:
         total, count = 0.0, 0
         loader = torch.utils.data.DataLoader(self.validation_dataset, batch_size=self.options.batch_size)
         for index, batch in enumerate(loader):
-            noisy, timesteps, target, input_ids = self._prepare_batch(batch, -1 - index)
+            noisy, timesteps, target, input_ids = self._prepare_batch(batch, -1 - index, per_process=False)
             loss = self._loss(noisy, timesteps, target, input_ids, with_extra=False)
             total += float(loss) * len(input_ids)
             count += len(input_ids)
@@ -194,7 +209,7 @@ class Trainer:
             total_steps = min(total_steps, options.max_steps)
         self._trim_logs(self.step)
         bar = tqdm(total=total_steps, initial=min(self.step, total_steps), desc="fine-tune",
-                   disable=not options.progress, dynamic_ncols=True)
+                   disable=not (options.progress and self.accelerator.is_main_process), dynamic_ncols=True)
         window_loss, window_time, window_steps = 0.0, 0.0, 0
         validation_rows, loss = [], math.nan
         start_epoch = self.step // self.steps_per_epoch
@@ -228,7 +243,8 @@ class Trainer:
                     self._save_best(epoch, validation)
                 validation_rows.append({"epoch": epoch, "step": self.step, "validation_loss": validation,
                                         "best": improved})
-                self._append_csv(self.output_dir / "validation.csv", validation_rows[-1])
+                if self.accelerator.is_main_process:
+                    self._append_csv(self.output_dir / "validation.csv", validation_rows[-1])
                 if self.writer:
                     self.writer.add_scalar("validation/loss", validation, self.step)
                 bar.set_postfix(loss=f"{loss:.4f}", rank=sum(self.method.ranks().values()),
@@ -243,6 +259,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ logs
     def _log_row(self, epoch: int, loss: float, step_time: float) -> None:
+        if not self.accelerator.is_main_process:
+            return
         ranks = self.method.ranks()
         memory = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
         row = {"step": self.step, "epoch": epoch, "loss": round(loss, 6), "total_rank": sum(ranks.values()),
@@ -256,6 +274,8 @@ class Trainer:
                 self.writer.add_scalar(f"rank/{name}", rank, self.step)
 
     def _log_events(self, events) -> None:
+        if not self.accelerator.is_main_process:
+            return  # every process takes the same decisions (Fisher is all-reduced): log them once
         for event in events:
             self._append_csv(self.output_dir / "expansions.csv",
                              event._asdict() if hasattr(event, "_asdict") else dict(event))
@@ -292,11 +312,12 @@ class Trainer:
     def save_checkpoint(self, epoch: int) -> Path:
         """Writes checkpoints/step-XXXXXX atomically (temp folder + rename), then points latest.json at it."""
         root = self.output_dir / CHECKPOINT_DIR
-        root.mkdir(parents=True, exist_ok=True)
         name = f"step-{self.step:07d}"
         final = root / name
-        if final.exists():
-            return final
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process or final.exists():
+            return final  # processes hold identical adapters and optimizer state: one writer
+        root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -312,6 +333,8 @@ class Trainer:
         return final
 
     def _save_best(self, epoch: int, validation: float) -> None:
+        if not self.accelerator.is_main_process:
+            return
         best = self.output_dir / "best"
         self.method.save(best / ADAPTER_FILE, extra_metadata={"step": self.step, "epoch": epoch,
                                                               "validation_loss": validation})
