@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
         resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress, threads=args.threads)
     began = time.perf_counter()
     result = run_finetune(options)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # multi-process run (torchrun / accelerate launch): the first process reports
     print(f"\n{result.steps} steps in {time.perf_counter() - began:.0f} s; best validation loss "
           f"{result.best_validation_loss:.5f}")
     print(rank_summary(result.ranks))

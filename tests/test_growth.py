@@ -193,3 +193,68 @@ def test_state_dict_whose_rank_disagrees_is_refused():
     state["live_rank"] = torch.tensor(9)
     with pytest.raises(ValueError, match="rank 9"):
         module.load_state_dict(state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_growth_past_default_capacity_is_bit_identical(dtype):
+    """Along the default capacity chain (15 -> 31) the slot blocks keep their bounds: exact output."""
+    gen = torch.Generator().manual_seed(8)
+    module = SeLoRALinear(24, 10, dtype=dtype)
+    assert module.capacity == 15
+    fill_live_slots(module, 15, gen)
+    x = torch.randn(4, 3, 24, generator=gen).to(dtype)
+    before = module(x)
+    module.expand(seed=1)
+    assert module.capacity == 31 and module.rank == 16
+    assert torch.equal(module(x), before)
+
+
+def test_deepcopy_and_pickle_keep_the_adapter_registration(tmp_path):
+    import copy
+
+    from selora_kernels.optim.adapter_registry import slot_dim_of
+
+    model = torch.nn.Sequential(SeLoRALinear(6, 4, capacity=2))
+    clone = copy.deepcopy(model)
+    torch.save(model, tmp_path / "model.pt")  # whole-model pickling works (no weak references on params)
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    for m in (clone, loaded):
+        assert slot_dim_of(m[0].lora_A) == 0 and slot_dim_of(m[0].lora_B) == 1
+        opt = SeLoRAAdamW(m.parameters(), lr=1e-2)
+        m(torch.randn(3, 6)).sum().backward()
+        opt.step()
+        assert "slot_steps" in opt.state[m[0].lora_A]  # per-slot Adam, not the plain fallback
+        expand_modules([m[0]], optimizer=opt, seed=0)
+        expand_modules([m[0]], optimizer=opt, seed=1)  # past capacity: state grows with the buffers
+        assert opt.state[m[0].lora_A]["exp_avg"].shape == m[0].lora_A.shape
+
+
+def test_optimizer_state_dict_round_trip_keeps_fp32_slot_steps_for_bf16_adapters():
+    module = SeLoRALinear(6, 4, capacity=3, dtype=torch.bfloat16)
+    opt = SeLoRAAdamW(module.parameters(), lr=1e-2)
+    x = torch.randn(5, 6, dtype=torch.bfloat16)
+    for _ in range(300):  # more steps than bf16 counts exactly
+        opt.zero_grad()
+        module(x).float().square().mean().backward()
+        opt.step()
+    fresh = SeLoRAAdamW(module.parameters(), lr=1e-2)
+    fresh.load_state_dict(opt.state_dict())
+    steps = fresh.state[module.lora_A]["slot_steps"]
+    assert steps.dtype == torch.float32 and steps[0] == 300
+    module(x).float().square().mean().backward()
+    fresh.step()
+    assert fresh.state[module.lora_A]["slot_steps"][0] == 301
+
+
+def test_alpha_over_r_scale_follows_the_loaded_rank():
+    gen = torch.Generator().manual_seed(6)
+    trained = SeLoRALinear(8, 6, capacity=4, scaling="alpha_over_r")
+    trained.expand(seed=0)
+    trained.expand(seed=1)
+    with torch.no_grad():
+        trained.lora_B[:, :3] = torch.randn(6, 3, generator=gen)
+    fresh = SeLoRALinear(8, 6, capacity=4, scaling="alpha_over_r")
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.scale == trained.scale == 8 / 3
+    x = torch.randn(2, 8, generator=gen)
+    assert torch.equal(fresh(x), trained(x))

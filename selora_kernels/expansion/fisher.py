@@ -11,6 +11,7 @@ over processes (every process then decides identically) and read back once.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -35,7 +36,7 @@ def scores_from_table(table: Sequence[Sequence[float]], fisher_scale: float = 1.
     scores = []
     for live, trial, samples in table:
         if samples <= 0:
-            scores.append(FisherScores(0.0, 0.0, 1.0, 0))
+            scores.append(FisherScores(0.0, 0.0, math.nan, 0))
             continue
         original = live * fisher_scale / samples
         expanded = original + trial * fisher_scale / samples

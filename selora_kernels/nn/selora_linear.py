@@ -9,7 +9,6 @@ lives in a buffer outside the Parameter, so neither the optimizer nor weight dec
 from __future__ import annotations
 
 import math
-import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 from ..config import validate_adapter_options
 from ..ops.reference import FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT, FISHER_ROWS, fisher_dtype
 from ..ops.selora_linear import selora_linear
+from ..optim.adapter_registry import register_adapter_parameter
 
 
 class FisherScores(NamedTuple):
@@ -35,10 +35,11 @@ def kaiming_bound(fan_in: int) -> float:
 
 
 def fi_ratio(original: float, expanded: float) -> float:
-    """expanded / original, with 0/0 -> 1 (nothing measured: never expand) and x/0 -> inf."""
+    """expanded / original, with x/0 -> inf and 0/0 -> nan (nothing measured: nan >= lambda is False, so
+    such a module never expands, whatever lambda)."""
     if original > 0:
         return expanded / original
-    return math.inf if expanded > 0 else 1.0
+    return math.inf if expanded > 0 else math.nan
 
 
 class SeLoRALinear(nn.Module):
@@ -105,10 +106,12 @@ class SeLoRALinear(nn.Module):
         self._tag_adapter_parameters()
 
     def _tag_adapter_parameters(self):
-        owner = weakref.ref(self)
-        for param, slot_dim in ((self.lora_A, 0), (self.lora_B, 1)):
-            param._selora_slot_dim = slot_dim
-            param._selora_owner = owner
+        register_adapter_parameter(self.lora_A, self, 0)
+        register_adapter_parameter(self.lora_B, self, 1)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)  # copy.deepcopy and unpickling: new Parameter objects, register them
+        self._tag_adapter_parameters()
 
     # ---------------------------------------------------------------- properties
     @property
@@ -226,11 +229,14 @@ class SeLoRALinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._rank = int(self.live_rank)
+        # alpha_over_r: B was rescaled at every growth, so the scale must follow the loaded rank
+        self.scale = self.alpha / (self._rank if self.scaling == "alpha_over_r" else self.r_init)
 
     def _reallocate_capacity(self, capacity: int) -> None:
         with torch.no_grad():
             self.lora_A.data = self.lora_A.new_zeros(capacity, self.in_features)
             self.lora_B.data = self.lora_B.new_zeros(self.out_features, capacity)
+        self.lora_A.grad = self.lora_B.grad = None  # of the old shape (load before building the optimizer)
         self._fisher_probe = None
 
 
@@ -252,7 +258,7 @@ def scores_from_statistics(stats: torch.Tensor, rank: int) -> FisherScores:
     """FisherScores from a (3, capacity + 1) statistics tensor at live rank `rank`."""
     samples = float(stats[FISHER_ROW_COUNT, 0])
     if samples <= 0:
-        return FisherScores(0.0, 0.0, 1.0, 0)
+        return FisherScores(0.0, 0.0, math.nan, 0)
     per_slot = (stats[FISHER_ROW_A] + stats[FISHER_ROW_B]).double() / samples
     original = float(per_slot[:rank].sum())
     expanded = original + float(per_slot[-1])

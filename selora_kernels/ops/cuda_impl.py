@@ -102,6 +102,12 @@ def _same_dtype(*tensors) -> bool:
 
 def selora_linear_cuda(x, weight, bias, lora_a, lora_b, trial_row, live_rank, fisher_probe, scale,
                        num_samples, per_sample_multiplier, measuring):
+    # autocast stays on inside a registered kernel; the caller already chose the compute dtype
+    with torch.autocast("cuda", enabled=False):
+        return _forward_cuda(x, weight, bias, lora_a, lora_b, scale)
+
+
+def _forward_cuda(x, weight, bias, lora_a, lora_b, scale):
     path = _forced_paths["forward"] or choose_forward_path(x.shape[0], x.shape[1], weight.shape[0],
                                                            lora_a.shape[0], x.dtype, torch.is_grad_enabled())
     if path != "reference" and not _same_dtype(x, weight, bias, lora_a, lora_b):
@@ -120,6 +126,13 @@ def selora_linear_cuda(x, weight, bias, lora_a, lora_b, trial_row, live_rank, fi
 
 def selora_linear_backward_cuda(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale, num_samples,
                                 per_sample_multiplier, measuring, compute_grad_x):
+    with torch.autocast("cuda", enabled=False):
+        return _backward_cuda(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale, num_samples,
+                              per_sample_multiplier, measuring, compute_grad_x)
+
+
+def _backward_cuda(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale, num_samples,
+                   per_sample_multiplier, measuring, compute_grad_x):
     capacity = lora_a.shape[0]
     path = _forced_paths["backward"] or choose_backward_path(capacity, x.dtype, measuring)
     if not (_same_dtype(grad_y, x, weight, lora_a, lora_b, trial_row)

@@ -51,10 +51,12 @@ def live_slot_mask(live_rank: torch.Tensor, capacity: int, dtype: torch.dtype) -
     return (slots < live_rank).to(dtype)
 
 
-# The slots are reduced in two fixed blocks, [0, FIRST_SLOT_BLOCK) and [FIRST_SLOT_BLOCK, capacity): a
-# block with no live slot is skipped when the live rank is known on the host (CPU), and a growth either
-# stays inside a block (same shapes) or adds a block whose new B column is zero (adds exact zeros), so the
-# output stays bit-identical across a growth while low ranks cost only a 4-wide product.
+# The slots are reduced in fixed blocks whose bounds do not depend on the capacity: [0, 4), then the
+# default capacity chain [4, 15), [15, 31), [31, 63), ... (config.default_capacity / next_capacity), cut at
+# the capacity. When the live rank is known on the host (CPU), blocks with no live slot are skipped. A
+# growth then either stays inside a block (same shapes) or adds a block whose new B column is zero (adds
+# exact zeros), so the output stays bit-identical across a growth, past capacity too along the default
+# chain, while low ranks cost only a 4-wide product.
 FIRST_SLOT_BLOCK = 4
 
 
@@ -64,11 +66,14 @@ def host_live_rank(live_rank: torch.Tensor) -> Optional[int]:
 
 
 def _slot_blocks(capacity: int, live_rank: Optional[int]):
-    if live_rank is None or capacity <= FIRST_SLOT_BLOCK:
+    if live_rank is None:
         return [(0, capacity)]
-    if live_rank <= FIRST_SLOT_BLOCK:
-        return [(0, FIRST_SLOT_BLOCK)]
-    return [(0, FIRST_SLOT_BLOCK), (FIRST_SLOT_BLOCK, capacity)]
+    bounds, stop = [0], FIRST_SLOT_BLOCK
+    while bounds[-1] < capacity:
+        bounds.append(min(stop, capacity))
+        stop = 15 if stop == FIRST_SLOT_BLOCK else 2 * (stop + 1) - 1
+    blocks = list(zip(bounds[:-1], bounds[1:]))
+    return [block for block in blocks if block[0] < max(live_rank, 1)]
 
 
 def forward_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

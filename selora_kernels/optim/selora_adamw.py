@@ -5,9 +5,8 @@ corrections of step k: its first updates come out 3-6x too large (KERNEL_NOTES s
 of an adapter buffer counts its own steps from the moment it goes live, so a slot grown at step k moves
 exactly as a fresh Adam would. Dead slots are never touched (no moments, no decay, no update).
 
-Adapter Parameters are recognised by two attributes SeLoRALinear sets on them: `_selora_slot_dim` (0 for A,
-1 for B) and `_selora_owner` (a weak reference to an object with a `live_rank` 0-d int64 tensor). Any other
-Parameter gets the ordinary AdamW update. With weight_decay=0 this is Adam.
+Adapter Parameters are recognised through `adapter_registry` (SeLoRALinear registers its A and B there);
+any other Parameter gets the ordinary AdamW update. With weight_decay=0 this is Adam.
 """
 from __future__ import annotations
 
@@ -16,18 +15,7 @@ import math
 import torch
 
 from ..ops.capacity import adam_step_
-
-
-def slot_dim_of(param: torch.Tensor):
-    """The slot dimension of a SeLoRA capacity buffer, or None for any other tensor."""
-    return getattr(param, "_selora_slot_dim", None)
-
-
-def live_rank_of(param: torch.Tensor) -> torch.Tensor:
-    owner = param._selora_owner()
-    if owner is None:
-        raise RuntimeError("the SeLoRA module owning this parameter no longer exists")
-    return owner.live_rank
+from .adapter_registry import live_rank_of, slot_dim_of
 
 
 class SeLoRAAdamW(torch.optim.Optimizer):
@@ -53,6 +41,19 @@ class SeLoRAAdamW(torch.optim.Optimizer):
             state["slot_steps"] = torch.zeros(param.shape[slot_dim_of(param)], dtype=torch.float32,
                                               device=param.device)
         return state
+
+    def load_state_dict(self, state_dict) -> None:
+        """torch casts every floating state tensor but "step" to the parameter's dtype: slot step counters
+        must stay fp32 (bf16 counts exactly only to 256), so they are put back from the saved copy."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        slot_steps = {i: state_dict["state"][i]["slot_steps"] for i in saved_ids
+                      if "slot_steps" in state_dict["state"].get(i, {})}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            if saved_id in slot_steps:
+                self.state[param]["slot_steps"] = slot_steps[saved_id].to(device=param.device,
+                                                                          dtype=torch.float32, copy=True)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -10,7 +10,8 @@ import warnings
 
 import torch
 
-from .selora_adamw import SeLoRAAdamW, slot_dim_of
+from .adapter_registry import slot_dim_of
+from .selora_adamw import SeLoRAAdamW
 
 SUPPORTED_OPTIMIZERS = "SeLoRAAdamW, torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD"
 _MOMENT_KEYS = {
@@ -57,6 +58,8 @@ def state_tensors(optimizer, param):
     keys = _moment_keys(optimizer)
     state = optimizer.state.get(param, {})
     dim = slot_dim_of(param)
+    if dim is None:
+        raise ValueError("state_tensors: the parameter is not a registered SeLoRA capacity buffer")
     pairs = [(state[key], dim) for key in keys if isinstance(state.get(key), torch.Tensor)]
     if "slot_steps" in state:
         pairs.append((state["slot_steps"], 0))

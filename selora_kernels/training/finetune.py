@@ -114,6 +114,8 @@ def run_finetune(options: FinetuneOptions) -> TrainResult:
         log_every=options.interval, resume=options.resume, progress=options.progress))
     result = trainer.train()
     ranks = result.ranks
+    if not trainer.accelerator.is_main_process:
+        return result  # every process holds the same adapters (all-reduced decisions): one writer
     (output / "final_ranks.json").write_text(json.dumps(ranks, indent=2))
     method.save(output / "adapter.safetensors", extra_metadata={"step": result.steps})
     method.export(output / "peft_lora")

@@ -32,6 +32,9 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "training_state.pt"
+# what a run writes into its output folder (the tiny pipeline cache is shared and stays)
+RUN_OUTPUTS = (CHECKPOINT_DIR, "best", "tensorboard", "train_log.csv", "validation.csv", "expansions.csv",
+               ADAPTER_FILE, "peft_lora", "final_ranks.json", "rank_heatmap.png")
 
 
 @dataclass
@@ -107,6 +110,10 @@ class Trainer:
         self.vae.requires_grad_(False)
         self.train_dataset, self.validation_dataset = train_dataset, validation_dataset
         method.inject({"unet": self.unet, "text_encoder": self.text_encoder})
+        if not options.resume:
+            self._move_previous_run_aside()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # the log's peak memory is this run's, not the process's
         self.resume_state = None
         if options.resume:
             self.resume_state = self._load_checkpoint(resolve_checkpoint(options.resume))
@@ -126,6 +133,19 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    def _move_previous_run_aside(self) -> None:
+        """A fresh run in a folder that holds another run's outputs: move them to previous-<time>/ (nothing
+        is deleted, and a later --resume cannot pick up the other run's checkpoints)."""
+        leftovers = [self.output_dir / name for name in RUN_OUTPUTS if (self.output_dir / name).exists()]
+        if leftovers and self.accelerator.is_main_process:
+            aside = self.output_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            aside.mkdir()
+            for path in leftovers:
+                os.replace(path, aside / path.name)
+            logger.warning("%s held the outputs of an earlier run: moved to %s (use --resume to continue a run)",
+                           self.output_dir, aside)
+        self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ one step
     def _prepare_batch(self, batch, step: int, per_process: bool = True):
@@ -212,6 +232,7 @@ class Trainer:
                    disable=not (options.progress and self.accelerator.is_main_process), dynamic_ncols=True)
         window_loss, window_time, window_steps = 0.0, 0.0, 0
         validation_rows, loss = [], math.nan
+        checkpoint_after_validation = False
         start_epoch = self.step // self.steps_per_epoch
         for epoch in range(start_epoch, options.epochs):
             if self.step >= total_steps:
@@ -234,7 +255,10 @@ class Trainer:
                     self._log_row(epoch, window_loss / window_steps, window_time / window_steps)
                     window_loss, window_time, window_steps = 0.0, 0.0, 0
                 if self.step % (options.checkpoint_every or options.log_every) == 0:
-                    self.save_checkpoint(epoch)
+                    if self.step == (epoch + 1) * self.steps_per_epoch or self.step >= total_steps:
+                        checkpoint_after_validation = True  # so the checkpoint holds this epoch's best
+                    else:
+                        self.save_checkpoint(epoch)
             if self.step == (epoch + 1) * self.steps_per_epoch or self.step >= total_steps:
                 validation = self.validate()
                 improved = validation < self.best_validation
@@ -249,6 +273,9 @@ class Trainer:
                     self.writer.add_scalar("validation/loss", validation, self.step)
                 bar.set_postfix(loss=f"{loss:.4f}", rank=sum(self.method.ranks().values()),
                                 val=f"{validation:.4f}", best=f"{self.best_validation:.4f}")
+                if checkpoint_after_validation:
+                    self.save_checkpoint(epoch)
+                    checkpoint_after_validation = False
         bar.close()
         if window_steps:
             self._log_row(self.step // self.steps_per_epoch, window_loss / window_steps, window_time / window_steps)
@@ -315,7 +342,7 @@ class Trainer:
         name = f"step-{self.step:07d}"
         final = root / name
         self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process or final.exists():
+        if not self.accelerator.is_main_process:
             return final  # processes hold identical adapters and optimizer state: one writer
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".tmp-{name}-{os.getpid()}"
@@ -325,10 +352,17 @@ class Trainer:
         torch.save({"step": self.step, "epoch": epoch, "best_validation": self.best_validation,
                     "optimizer": self._optimizer().state_dict(), "method_state": self.method.state_dict(),
                     "method": self.method.describe(), "options": asdict(self.options)}, tmp / STATE_FILE)
+        replaced = None
+        if final.exists():  # the same step saved again (end of training, resume): the new one wins
+            replaced = root / f".old-{name}-{os.getpid()}"
+            os.replace(final, replaced)
         os.replace(tmp, final)
         _write_json_atomic(root / LATEST, {"checkpoint": name, "step": self.step})
-        old = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-        for stale in old[:-self.options.keep_checkpoints]:
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+        older = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+                       and int(p.name.split("-")[1]) < self.step)
+        for stale in older[:max(len(older) - (self.options.keep_checkpoints - 1), 0)]:
             shutil.rmtree(stale, ignore_errors=True)
         return final
 
