@@ -3,6 +3,12 @@ work is in selora_kernels.evaluation.generation).
 
     python -m python.generate --adapter runs/selora/peft_lora --prompts prompts.txt --seeds 0 1 2 --out gen/
     python -m python.generate --pretrained /models/sd15 --adapter runs/lora/best --prompts-from real/ --out gen/
+
+Without --pretrained the base is the tiny pipeline that fine-tuning saved in <run dir>/tiny_pipeline, next to the
+adapter folder (<run dir>/peft_lora or <run dir>/best). If that folder is missing, the tiny pipeline is rebuilt
+from configs with --pipeline-seed, which matches the adapter only if fine-tuning ran with --seed equal to it (a
+warning says so). Pass --resolution with the training resolution (64 for the tiny pipeline, 224 in the paper):
+by default the pipeline samples at its own size (512 px for SD 1.5).
 """
 from __future__ import annotations
 
@@ -30,8 +36,11 @@ def read_prompts(args) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m python.generate", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n")[2],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--pretrained", default=None, help="local diffusers folder (default: the tiny pipeline)")
+    p.add_argument("--pretrained", default=None,
+                   help="local diffusers folder (default: the tiny pipeline fine-tuning saved in "
+                        "<run dir>/tiny_pipeline next to --adapter; if absent, one rebuilt with --pipeline-seed)")
     p.add_argument("--adapter", default=None, help="folder with pytorch_lora_weights.safetensors (any method)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line")
     p.add_argument("--prompts-from", default=None, help="an image folder with metadata.jsonl (e.g. real test images)")
@@ -40,9 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=PAPER_STEPS)
     p.add_argument("--guidance", type=float, default=PAPER_GUIDANCE)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--resolution", type=int, default=None, help="height = width (default: the pipeline's)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="height = width; use the training resolution (default: the pipeline's own, 512 for SD 1.5)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--pipeline-seed", type=int, default=0, help="seed of the tiny pipeline's random weights")
+    p.add_argument("--pipeline-seed", type=int, default=0,
+                   help="only without --pretrained and without a saved <run dir>/tiny_pipeline: seed of the rebuilt "
+                        "tiny pipeline's random weights; must equal the fine-tuning --seed")
     p.add_argument("--no-progress", action="store_true")
     return p
 

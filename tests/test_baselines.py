@@ -273,3 +273,43 @@ def test_save_load_and_registration(tiny_pipe, tmp_path):
     with pytest.raises(ValueError, match="written by method 'lora'"):
         other.load(tmp_path / "adapter.safetensors")
     assert fresh.describe()["method"] == "lora" and fresh.describe()["rank"] == 4
+
+
+def test_adalora_skipped_fp16_step_skips_allocation(tiny_pipe, caplog):
+    """A GradScaler step that finds inf gradients skips optimizer.step (so the post-step hook does not fire):
+    after_step then skips the allocation for that step instead of raising; later steps allocate again."""
+    import logging
+
+    unet, text_encoder = fresh_parts(tiny_pipe)
+    method = AdaLoRAMethod(init_r=6, target_r=4, total_steps=TOTAL_STEPS)
+    inject(method, unet, text_encoder)
+    calls = []
+    original = method.tuner.update_and_allocate
+    method.tuner.update_and_allocate = lambda step: (calls.append(step), original(step))
+    optimizer = method.make_optimizer(1e-2)
+    method.attach(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    some_a = next(p for n, p in unet.named_parameters() if "lora_A" in n)
+    with caplog.at_level(logging.DEBUG, logger="selora_kernels.baselines.adalora"):
+        for step in range(3):
+            method.before_forward(step)
+            scaler.scale(step_loss(unet, text_encoder, seed=step) + method.extra_loss()).backward()
+            if step == 1:
+                some_a.grad.view(-1)[0] = float("inf")  # fp16 overflow: the scaler skips this step
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            method.after_step(step)  # the trainer's order: after zero_grad
+    assert calls == [0, 2]
+    assert "step 1 was skipped" in caplog.text
+    # without attach: inf gradients (a skipped step) skip too; no gradients at all is still the call-order error
+    plain = AdaLoRAMethod(init_r=6, target_r=4, total_steps=TOTAL_STEPS)
+    inject(plain, *fresh_parts(tiny_pipe))
+    plain.tuner.update_and_allocate = lambda step: calls.append(("plain", step))
+    plain.extra_loss().backward()
+    next(p for n, p in plain.container.named_parameters() if "lora_A" in n).grad.view(-1)[0] = float("nan")
+    plain.after_step(0)
+    assert ("plain", 0) not in calls
+    plain.container.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="before zero_grad"):
+        plain.after_step(1)

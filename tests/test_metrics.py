@@ -138,3 +138,27 @@ def test_folder_roundtrip(tmp_path, inception):
     evaluator = M.Evaluator(inception)
     result = M.evaluate_folders(evaluator, [str(tmp_path / "gen")], str(tmp_path / "gen"), resolution=32)
     assert result["summary"]["fid"]["mean"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_progress_bars_over_inception_and_clip_batches(inception, clip_dir, monkeypatch):
+    shown = []
+    real_tqdm = M.tqdm
+
+    def recording_tqdm(*args, **kwargs):
+        shown.append((kwargs["desc"], not kwargs["disable"]))
+        return real_tqdm(*args, **kwargs)
+
+    monkeypatch.setattr(M, "tqdm", recording_tqdm)
+    batch = images(20, n=8, size=16)
+    inception.extract(batch, batch_size=2)  # 4 batches: a bar
+    inception.extract(batch, batch_size=2, progress=False)
+    inception.extract(batch, batch_size=8)  # one batch: no bar
+    scorer = M.ClipScorer(clip_dir)
+    prompts = ["clear lungs"] * 8
+    assert scorer.score(batch, prompts, batch_size=2) == scorer.score(batch, prompts, batch_size=2, progress=False)
+    evaluator = M.Evaluator(inception, scorer, batch_size=2, progress=False)
+    evaluator.set_real(batch)
+    evaluator.evaluate(batch, prompts)
+    assert shown == [("Inception features", True), ("Inception features", False), ("Inception features", False),
+                     ("CLIP score", True), ("CLIP score", False)] + [("Inception features", False)] * 2 \
+        + [("CLIP score", False)]

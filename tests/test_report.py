@@ -108,3 +108,122 @@ def test_compare_missing_weights_fail_fast(tmp_path, capsys):
     compare = importlib.import_module("python.compare")
     code = compare.main(["--output-dir", str(tmp_path), "--inception-weights", str(tmp_path / "nope.pth")])
     assert code == 2 and "never downloads" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+class _StubEvaluator:
+    def set_real(self, images):
+        self.real = images
+
+
+def stub_comparison(monkeypatch, calls):
+    """run_comparison with fine-tuning, generation, evaluation and the report stubbed out (seconds)."""
+    from selora_kernels.evaluation import comparison
+
+    def fake_generate(pipe, prompts, seeds, root, **kwargs):
+        calls.append(kwargs)
+        return [f"{root}/seed_{s}" for s in seeds]
+
+    monkeypatch.setattr(comparison, "build_evaluator", lambda options: _StubEvaluator())
+    monkeypatch.setattr(comparison, "exported_adapter", lambda run_dir: run_dir)
+    monkeypatch.setattr(comparison, "load_pipeline_with_adapter", lambda *a, **kw: None)
+    monkeypatch.setattr(comparison, "generate_for_seeds", fake_generate)
+    monkeypatch.setattr(comparison, "evaluate_folders", lambda evaluator, folders, real: {
+        "per_seed": [{"fid": 1.0, "folder": f} for f in folders], "summary": {"fid": {"mean": 1.0, "std": 0, "n": 1}}})
+    monkeypatch.setattr(comparison, "adapter_parameter_report", lambda adapter, pipe: {})
+    monkeypatch.setattr(comparison, "write_report", lambda runs, folder, **kw: folder)
+    return comparison
+
+
+def test_compare_generates_at_training_resolution_and_rewrites_per_seed(tmp_path, monkeypatch):
+    import json
+
+    calls = []
+    comparison = stub_comparison(monkeypatch, calls)
+    options = comparison.CompareOptions(output_dir=str(tmp_path), methods=("lora", "dylora"), synthetic_count=8,
+                                        eval_seeds=(0, 1), progress=False)
+    for _ in range(2):  # a re-run into the same folder
+        comparison.run_comparison(options, finetune_fn=lambda *args: None)
+    assert [(c["height"], c["width"]) for c in calls] == [(64, 64)] * 4  # tiny pipeline: 64 px, as trained
+    rows = [json.loads(line) for line in (tmp_path / "per_seed.json").read_text().splitlines()]
+    assert [r["run"] for r in rows] == ["lora", "dylora"]  # written whole: no rows piled up from the first run
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    calls.clear()
+    comparison.run_comparison(comparison.CompareOptions(output_dir=str(tmp_path / "r48"), methods=("lora",),
+                                                        synthetic_count=8, resolution=48, eval_seeds=(0,),
+                                                        progress=False), finetune_fn=lambda *args: None)
+    assert (calls[0]["height"], calls[0]["width"]) == (48, 48)
+
+
+def test_generate_images_forwards_height_width():
+    from types import SimpleNamespace
+
+    from selora_kernels.evaluation.generation import generate_images
+
+    seen = []
+
+    class FakePipe:
+        def set_progress_bar_config(self, **kwargs):
+            pass
+
+        def __call__(self, prompts, **kwargs):
+            seen.append((kwargs["height"], kwargs["width"]))
+            return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]))] * len(prompts))
+
+    images = generate_images(FakePipe(), ["a", "b", "c"], batch_size=2, height=48, width=40, progress=False)
+    assert seen == [(48, 40), (48, 40)] and images[0].size == (40, 48)
+
+
+def test_evaluation_split_checks_images_like_training_and_closes_files(tmp_path):
+    import json
+
+    import numpy as np
+
+    from selora_kernels.evaluation.comparison import CompareOptions, evaluation_split
+    from selora_kernels.training.data import load_split_records
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"file_name": f"{i}.png", "text": f"caption {i}"} for i in range(20)]
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for i in range(20):
+        Image.new("L", (40, 30), 10 * i).save(data / f"{i}.png")
+    evaluation_records = load_split_records("folder", data)[-1]
+    assert len(evaluation_records) == 2
+    bad, grey16 = evaluation_records[0].image, evaluation_records[1].image
+    bad.write_bytes(b"not a png")
+    Image.fromarray(np.full((30, 40), 2048, np.uint16)).save(grey16)  # 12-bit data in a 16-bit PNG
+    options = CompareOptions(dataset="folder", data_dir=str(data), resolution=16, progress=False)
+    prompts, images, train_size = evaluation_split(options)
+    assert prompts == [evaluation_records[1].caption] and train_size == 18
+    assert images[0].size == (16, 16) and getattr(images[0], "fp", None) is None  # no open file behind it
+    assert abs(int(np.asarray(images[0]).mean()) - 128) <= 1  # scaled like training, not clipped to 255
+    with pytest.raises(ValueError, match="cannot be read"):
+        evaluation_split(CompareOptions(dataset="folder", data_dir=str(data), on_bad_image="fail", progress=False))
+
+
+def test_generation_uses_the_tiny_pipeline_saved_with_the_run(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from diffusers import StableDiffusionPipeline
+
+    from selora_kernels.evaluation import generation
+    from selora_kernels.training.tiny_pipeline import build_tiny_pipeline
+
+    monkeypatch.setattr(StableDiffusionPipeline, "load_lora_weights", lambda self, adapter: None)
+    run = tmp_path / "run"
+    (run / "peft_lora").mkdir(parents=True)
+    saved = build_tiny_pipeline(run / "tiny_pipeline", seed=3)  # as run_finetune(seed=3) saves it
+    assert generation.saved_tiny_pipeline(str(run / "peft_lora")) == str(run / "tiny_pipeline")
+    assert generation.saved_tiny_pipeline(str(run / "peft_lora" / "pytorch_lora_weights.safetensors")) \
+        == str(run / "tiny_pipeline")
+    pipe = generation.load_pipeline_with_adapter(None, str(run / "peft_lora"), seed=0)
+    weight = next(iter(saved.unet.state_dict()))
+    torch.testing.assert_close(pipe.unet.state_dict()[weight], saved.unet.state_dict()[weight])
+    lonely = tmp_path / "elsewhere" / "best"
+    lonely.mkdir(parents=True)
+    assert generation.saved_tiny_pipeline(str(lonely)) is None
+    with caplog.at_level(logging.WARNING, logger="selora_kernels.evaluation.generation"):
+        rebuilt = generation.load_pipeline_with_adapter(None, str(lonely), seed=0)
+    assert "ASSUMING the adapter was fine-tuned with --seed 0" in caplog.text
+    assert not torch.equal(rebuilt.unet.state_dict()[weight], saved.unet.state_dict()[weight])

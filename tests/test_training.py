@@ -201,3 +201,71 @@ def test_crash_during_checkpoint_keeps_the_previous_one(tiny, tmp_path, monkeypa
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")) == ["step-0000002"]
     resumed = run_finetune(options(folder, out, max_steps=4, resume=str(out)))
     assert resumed.steps == 4
+
+
+# ---------------------------------------------------------------------------- data: review fixes
+def write_iu_xray(root, n_reports=30, images_per_report=2):
+    """A fake IU X-Ray folder: every report has `images_per_report` frontal images (and one lateral)."""
+    images = root / "images" / "images_normalized"
+    images.mkdir(parents=True)
+    with open(root / "indiana_reports.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["uid", "MeSH", "findings", "impression"])
+        writer.writerows([str(u), "x", f"findings of report {u}", "ok"] for u in range(n_reports))
+    with open(root / "indiana_projections.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["uid", "filename", "projection"])
+        for u in range(n_reports):
+            writer.writerows([str(u), f"{u}_f{k}.png", "Frontal"] for k in range(images_per_report))
+            writer.writerow([str(u), f"{u}_l.png", "Lateral"])
+
+
+def test_iu_xray_splits_by_report_not_by_image(tmp_path):
+    write_iu_xray(tmp_path)
+    splits = data_mod.load_split_records("iu_xray", tmp_path)
+    assert len(splits) == 3 and sum(len(s) for s in splits) == 60
+    uids = [{r.image.name.split("_")[0] for r in split} for split in splits]
+    assert all(not (uids[i] & uids[j]) for i in range(3) for j in range(i + 1, 3))  # no report in two splits
+    assert all(len(split) == 2 * len(u) for split, u in zip(splits, uids))  # a report's images stay together
+    assert [len(u) for u in uids] == [24, 5, 1]  # fractions (0.8, 0.16, 0.04) of the 30 reports
+    assert splits == data_mod.load_split_records("iu_xray", tmp_path)  # seeded
+    assert splits != data_mod.load_split_records("iu_xray", tmp_path, split_seed=7)
+    records, record_uids = load_iu_xray_records(tmp_path, return_uids=True)
+    assert len(records) == len(record_uids) == 60 and record_uids[:2] == ["0", "0"]
+    with pytest.raises(ValueError, match=r"the validation split is empty: 3 groups \(6 records\)"):
+        split_records(records[:6], (0.8, 0.16, 0.04), groups=record_uids[:6])
+
+
+def test_12_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
+    import numpy as np
+
+    gradient = np.tile(np.linspace(0, 4095, 64).round().astype(np.uint16), (48, 1))  # 12 bits in a 16-bit PNG
+    Image.fromarray(gradient).save(tmp_path / "xray12.png")
+    Image.fromarray(np.full((48, 64), 2048, np.uint16)).save(tmp_path / "grey12.png")
+    with Image.open(tmp_path / "xray12.png") as image:
+        assert image.mode.startswith("I")
+        pixels = preprocess_image(image, 32)
+    assert pixels.min() < -0.7 and pixels.max() > 0.7  # the (centre-cropped) range, not clipped to white
+    assert (pixels[:, :, 0] < pixels[:, :, -1]).all()  # the gradient survives
+    with Image.open(tmp_path / "grey12.png") as image:
+        grey = preprocess_image(image, 16)
+    assert grey.abs().max() < 0.01  # 2048 / 4095 -> mid grey (convert("RGB") alone gave 1.0)
+    big_endian = Image.fromarray(np.full((8, 8), 2048, np.uint16).byteswap().view(">u2"))
+    assert big_endian.mode == "I;16B"
+    assert np.asarray(data_mod.to_rgb(big_endian)).max() == 128
+    full16 = Image.fromarray(np.full((8, 8), 65535, np.uint16))
+    assert np.asarray(data_mod.to_rgb(full16)).min() == 255
+    eight_bit_in_i = Image.fromarray(np.full((8, 8), 200, np.int32))
+    assert eight_bit_in_i.mode == "I" and np.asarray(data_mod.to_rgb(eight_bit_in_i)).max() == 200
+
+
+def test_check_images_progress_bar(tmp_path, monkeypatch):
+    shown = []
+    real_tqdm = data_mod.tqdm
+    monkeypatch.setattr(data_mod, "tqdm", lambda *a, **kw: (shown.append(not kw["disable"]), real_tqdm(*a, **kw))[1])
+    write_image(tmp_path / "a.png")
+    many = [Record(tmp_path / "a.png", str(i)) for i in range(120)]
+    assert len(check_images(many)) == 120
+    assert len(check_images(many, progress=False)) == 120
+    assert len(check_images(many[:3])) == 3
+    assert shown == [True, False, False]  # on for many files, off when asked or for a few

@@ -12,10 +12,14 @@ UNet -- so the method does them by hand:
   Trainer does not call it either (peft issues #1801, #1327): ranks then stay at init_r. `attach(optimizer)`
   registers it as a post-hook of the optimizer's step, so it runs at the right moment whatever order the
   trainer calls zero_grad and after_step in; without attach, `after_step(step)` must come before zero_grad.
+  A step the optimizer skips (fp16: the GradScaler found inf/NaN gradients and did not call optimizer.step)
+  gets no allocation: with attach the hook does not fire and after_step only logs it (debug); without attach,
+  after_step skips when a gradient is not finite.
 The budget schedule needs the total number of optimizer steps: `AdaLoRAMethod(total_steps=N)`.
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, Optional
 
 import torch
@@ -24,6 +28,7 @@ from torch import nn
 from .method import AdapterMethod
 
 ADAPTER_NAME = "default"
+logger = logging.getLogger(__name__)
 
 
 class AdaLoRAMethod(AdapterMethod):
@@ -111,9 +116,24 @@ class AdaLoRAMethod(AdapterMethod):
         self._current_step = step
 
     def after_step(self, step: int, closure=None) -> list:
-        if self._allocated_step != step:
-            self._allocate(step)  # no optimizer hook (attach not called): gradients must still be there
+        if self._allocated_step == step:
+            return []
+        if self._hook is not None:
+            # attached: the optimizer's post-step hook allocates. It did not fire, so optimizer.step() did not
+            # run: the GradScaler skipped this step (inf/NaN gradients under fp16). Nothing to allocate from.
+            logger.debug("%s: optimizer step %d was skipped (no post-step hook call, e.g. the GradScaler found "
+                         "inf/NaN gradients): no rank allocation this step", self.name, step)
+            return []
+        if self._nonfinite_gradients():
+            logger.debug("%s: step %d has inf/NaN adapter gradients (a step the GradScaler skips): no rank "
+                         "allocation this step", self.name, step)
+            return []
+        self._allocate(step)  # no optimizer hook (attach not called): gradients must still be there
         return []
+
+    def _nonfinite_gradients(self) -> bool:
+        return any(p.grad is not None and not torch.isfinite(p.grad).all()
+                   for p in self.container.parameters() if p.requires_grad)
 
     def _next_step(self) -> int:
         if self._current_step is not None:

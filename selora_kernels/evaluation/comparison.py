@@ -6,13 +6,15 @@ prompts over several seeds, score FID-64/192/2048 + CLIP, write the report (SELO
 Fine-tuning goes through one function, `finetune_run(options, method, threshold, output_dir)`, which calls
 selora_kernels.training.finetune.run_finetune; pass another `finetune_fn` to run_comparison to change it.
 Evaluation images are the last split of the dataset (IU X-Ray: the 4 % test split; datasets with two splits:
-the validation split), preprocessed like the training images.
+the validation split), checked (unreadable files skipped or raised, as in training) and preprocessed like the
+training images; generation samples at the same resolution (height = width = the training resolution).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -53,6 +55,7 @@ class CompareOptions:
     kid: bool = False
     device: str = "cpu"
     progress: bool = True
+    on_bad_image: str = "skip"  # unreadable images in training and evaluation data: "skip" (warn) or "fail"
     extra_finetune: Dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -76,23 +79,33 @@ def display_name(method: str, threshold: Optional[float]) -> str:
 
 
 def evaluation_split(options: CompareOptions):
-    """(prompts, PIL images) of the split used for evaluation, preprocessed to the training resolution."""
-    from ..training.data import SPLITS, load_records, split_records
-    from ..training.tiny_pipeline import TINY_RESOLUTION
+    """(prompts, PIL images, train size) of the split used for evaluation: the same split as training
+    (load_split_records), its records checked like the training data's (check_images, `on_bad_image`), images
+    converted like the training images (16-bit scaled) and resized to the training resolution. Files are
+    closed once read. The train size counts checked records: the trainer's steps are over those."""
+    from PIL import Image
+
+    from ..training.data import check_images, load_split_records, to_rgb
     from .metrics import resize_center_crop
 
-    records = load_records(options.dataset, options.data_dir, seed=options.seed,
-                           synthetic_count=options.synthetic_count, synthetic_size=resolution_of(options))
-    splits = split_records(records, SPLITS[options.dataset])
     resolution = resolution_of(options)
+    on_error = options.extra_finetune.get("on_bad_image", options.on_bad_image)
+    splits = load_split_records(options.dataset, options.data_dir, seed=options.seed,
+                                synthetic_count=options.synthetic_count, synthetic_size=resolution)
+    records = check_images(splits[-1], on_error, progress=options.progress)
+    if not records:
+        raise ValueError(f"{options.dataset} evaluation split: no readable images (of {len(splits[-1])} records)")
+    train_size = len(check_images(splits[0], on_error, progress=options.progress))
     prompts, images = [], []
-    for record in splits[-1][:options.max_eval_prompts]:
-        from PIL import Image
-
-        image = record.image if isinstance(record.image, Image.Image) else Image.open(record.image)
-        images.append(resize_center_crop(image.convert("RGB"), resolution))
+    for record in records[:options.max_eval_prompts]:
+        if isinstance(record.image, Image.Image):
+            image = to_rgb(record.image)
+        else:
+            with Image.open(record.image) as handle:
+                image = to_rgb(handle)  # a new image: nothing refers to the file once it is closed
+        images.append(resize_center_crop(image, resolution))
         prompts.append(record.caption)
-    return prompts, images, len(splits[0])
+    return prompts, images, train_size
 
 
 def resolution_of(options: CompareOptions) -> int:
@@ -123,7 +136,8 @@ def finetune_run(options: CompareOptions, method: str, threshold: Optional[float
         synthetic_count=options.synthetic_count, epochs=options.epochs, batch_size=options.batch_size,
         resolution=options.resolution, lr=options.lr, method=method,
         threshold=threshold if threshold is not None else 1.1, interval=options.interval, seed=options.seed,
-        max_steps=options.max_steps, progress=options.progress, **options.extra_finetune)
+        max_steps=options.max_steps, progress=options.progress,
+        **{"on_bad_image": options.on_bad_image, **options.extra_finetune})
     return run_finetune(finetune_options)
 
 
@@ -163,7 +177,23 @@ def build_evaluator(options: CompareOptions) -> Evaluator:
         inception_weights = write_random_inception_weights(str(standins / "inception_random.pth"))
         clip_model = build_tiny_clip(str(standins / "tiny_clip"))
     return Evaluator.from_paths(inception_weights, clip_model, kid=options.kid,
-                                inception_input_size=options.inception_input_size, device=options.device)
+                                inception_input_size=options.inception_input_size, device=options.device,
+                                progress=options.progress)
+
+
+def write_jsonl_atomic(path: Path, rows: Sequence[dict]) -> None:
+    """Writes `rows` as JSON lines to `path` whole: a temporary file in the same folder, then os.replace."""
+    path = Path(path)
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                         delete=False, encoding="utf-8")
+    try:
+        with handle:
+            handle.writelines(json.dumps(row, default=str) + "\n" for row in rows)
+        os.replace(handle.name, path)
+    except BaseException:
+        if os.path.exists(handle.name):
+            os.unlink(handle.name)
+        raise
 
 
 def run_comparison(options: CompareOptions, finetune_fn: Optional[Callable] = None) -> Path:
@@ -176,6 +206,8 @@ def run_comparison(options: CompareOptions, finetune_fn: Optional[Callable] = No
     real_dir = save_images(real_images, prompts, str(output / "real"))
     evaluator.set_real(real_images)
     total_steps = total_training_steps(options, train_size)
+    resolution = resolution_of(options)  # the training (and real-image) resolution: generate at it too
+    per_seed_rows: List[dict] = []
     plan = [(m, t) for m in options.methods for t in (options.thresholds if m == "selora" else (None,))]
     runs: List[MethodRun] = []
     for method, threshold in plan:
@@ -188,7 +220,8 @@ def run_comparison(options: CompareOptions, finetune_fn: Optional[Callable] = No
         folders = generate_for_seeds(pipe, prompts, options.eval_seeds, str(output / "generated" / name),
                                      num_inference_steps=options.num_inference_steps,
                                      guidance_scale=options.guidance_scale,
-                                     batch_size=options.generation_batch_size, progress=options.progress)
+                                     batch_size=options.generation_batch_size, height=resolution,
+                                     width=resolution, progress=options.progress)
         evaluation = evaluate_folders(evaluator, folders, real_dir)
         ranks_file = os.path.join(run_dir, "final_ranks.json")
         ranks = json.loads(Path(ranks_file).read_text()) if os.path.isfile(ranks_file) else None
@@ -197,7 +230,8 @@ def run_comparison(options: CompareOptions, finetune_fn: Optional[Callable] = No
                               parameters=adapter_parameter_report(adapter, pipe),
                               train_log=log if os.path.isfile(log) else None, ranks=ranks or None,
                               samples_dir=folders[0], threshold=threshold))
-        (output / "per_seed.json").open("a").write(json.dumps({"run": name, **evaluation}, default=str) + "\n")
+        per_seed_rows.append({"run": name, **evaluation})
+        write_jsonl_atomic(output / "per_seed.json", per_seed_rows)  # one line per run, this invocation's only
     notes = [f"{len(prompts)} evaluation prompts, seeds {list(options.eval_seeds)}, "
              f"{options.num_inference_steps} sampler steps, guidance {options.guidance_scale}; "
              f"{total_steps} training steps per method, seed {options.seed}."]

@@ -3,18 +3,27 @@
 Image i of a run with seed s is drawn from its own generator seeded with (s, i), so it does not depend on the
 batch size or on which other prompts are in the batch. Works with any StableDiffusionPipeline (SD 1.5 from a
 local folder, or the tiny test pipeline). Output folder: 00000.png, ... plus metadata.jsonl (file_name, text,
-seed) -- the imagefolder layout that evaluation reads back.
+seed) -- the imagefolder layout that evaluation reads back. height/width go to the pipeline as given (None: the
+pipeline's default, 512 px for SD 1.5): pass the training resolution to sample at the size the model was tuned on.
+
+Without a `pretrained` folder the base is the tiny pipeline: the one fine-tuning saved in `<run dir>/tiny_pipeline`
+(next to the adapter folder `<run dir>/peft_lora` or `best`) when it is there, else one built from configs with
+`seed`, which matches the adapter's base only if fine-tuning used that `--seed` (a warning says so).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+logger = logging.getLogger(__name__)
+
 PAPER_STEPS = 50
+TINY_PIPELINE_DIR = "tiny_pipeline"  # run_finetune saves the tiny base pipeline under <run dir>/tiny_pipeline
 PAPER_GUIDANCE = 7.5
 
 
@@ -85,15 +94,40 @@ def generate_for_seeds(pipeline, prompts: Sequence[str], seeds: Sequence[int], o
     return folders
 
 
+def saved_tiny_pipeline(adapter: Optional[str]) -> Optional[str]:
+    """The tiny pipeline fine-tuning saved for the run of `adapter`: `<run dir>/tiny_pipeline` where the adapter
+    is `<run dir>/peft_lora` or `<run dir>/best` (also accepted: a tiny_pipeline inside the adapter folder, or
+    the adapter given as its .safetensors file). None when there is none."""
+    if adapter is None:
+        return None
+    folder = os.path.abspath(adapter if os.path.isdir(adapter) else os.path.dirname(adapter))
+    for candidate in (os.path.join(os.path.dirname(folder), TINY_PIPELINE_DIR), os.path.join(folder, TINY_PIPELINE_DIR)):
+        if os.path.isfile(os.path.join(candidate, "model_index.json")):
+            return candidate
+    return None
+
+
 def load_pipeline_with_adapter(pretrained: Optional[str] = None, adapter: Optional[str] = None,
                                device: str = "cpu", seed: int = 0, dtype=None):
-    """A StableDiffusionPipeline from a local folder (None: the tiny pipeline built from configs, `seed`) with
-    a diffusers-format LoRA (any method's `export`) loaded from `adapter` when given."""
+    """A StableDiffusionPipeline from a local folder with a diffusers-format LoRA (any method's `export`) loaded
+    from `adapter` when given. pretrained None: the tiny pipeline saved next to the adapter by fine-tuning
+    (`saved_tiny_pipeline`), else the tiny pipeline built from configs with `seed` (with a warning: its random
+    weights are the adapter's base only if fine-tuning ran with that seed)."""
     from diffusers import StableDiffusionPipeline
 
     if pretrained is None:
+        pretrained = saved_tiny_pipeline(adapter)
+        if pretrained is not None:
+            logger.info("base pipeline: the tiny pipeline fine-tuning saved at %s", pretrained)
+    if pretrained is None:
         from ..training.tiny_pipeline import build_tiny_pipeline
 
+        if adapter is not None:
+            logger.warning("no %s/ folder next to adapter %s (fine-tuning saves the tiny base pipeline in "
+                           "<run dir>/%s): building the tiny pipeline from configs with seed %d, ASSUMING the "
+                           "adapter was fine-tuned with --seed %d; with another seed the base weights differ and "
+                           "the images are wrong (pass the run's seed, or --pretrained <run dir>/%s)",
+                           TINY_PIPELINE_DIR, adapter, TINY_PIPELINE_DIR, seed, seed, TINY_PIPELINE_DIR)
         pipe = build_tiny_pipeline(seed=seed)
     else:
         if not os.path.isfile(os.path.join(pretrained, "model_index.json")):

@@ -25,12 +25,21 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 FID_DIMS = (64, 192, 2048)
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                          + INCEPTION_WEIGHTS_FILE)
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+PROGRESS_MIN_BATCHES = 4  # fewer batches than this: no progress bar (they finish in moments)
+
+
+def batch_bar(total: int, batch_size: int, desc: str, progress: bool):
+    """A tqdm bar over `total` images, shown when progress is on and there are enough batches to wait for."""
+    batches = -(-total // max(1, batch_size))
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False,
+                disable=not progress or batches < PROGRESS_MIN_BATCHES)
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -89,13 +98,16 @@ class InceptionFeatures(nn.Module):
         return {d: out.double() for d, out in zip(self.dims, outputs)}
 
     @torch.no_grad()
-    def extract(self, images: Sequence, batch_size: int = 16) -> Dict[int, torch.Tensor]:
-        """Features of a list (or tensor) of images, in batches."""
+    def extract(self, images: Sequence, batch_size: int = 16, progress: bool = True) -> Dict[int, torch.Tensor]:
+        """Features of a list (or tensor) of images, in batches (a progress bar unless progress=False or the
+        images fit in a few batches)."""
         chunks: Dict[int, List[torch.Tensor]] = {d: [] for d in self.dims}
-        for start in range(0, len(images), batch_size):
-            batch = stack_images(images[start:start + batch_size])
-            for d, feats in self.forward(batch).items():
-                chunks[d].append(feats)
+        with batch_bar(len(images), batch_size, "Inception features", progress) as bar:
+            for start in range(0, len(images), batch_size):
+                batch = stack_images(images[start:start + batch_size])
+                for d, feats in self.forward(batch).items():
+                    chunks[d].append(feats)
+                bar.update(len(batch))
         if not chunks[self.dims[0]]:
             raise ValueError("InceptionFeatures.extract got no images")
         return {d: torch.cat(parts) for d, parts in chunks.items()}
@@ -284,12 +296,15 @@ class ClipScorer:
         self.max_length = int(getattr(text_config, "max_position_embeddings", 77))
 
     @torch.no_grad()
-    def pair_scores(self, images, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-        """One score per (image, prompt) pair, before averaging."""
+    def pair_scores(self, images, prompts: Sequence[str], batch_size: int = 16,
+                    progress: bool = True) -> torch.Tensor:
+        """One score per (image, prompt) pair, before averaging (a progress bar unless progress=False or the
+        pairs fit in a few batches)."""
         prompts = list(prompts)
         if len(images) != len(prompts):
             raise ValueError(f"CLIP score needs one prompt per image: {len(images)} images, {len(prompts)} prompts")
         scores = []
+        bar = batch_bar(len(prompts), batch_size, "CLIP score", progress)
         for start in range(0, len(prompts), batch_size):
             batch = stack_images(images[start:start + batch_size])
             pixels = self.processor(images=[im for im in batch], return_tensors="pt")["pixel_values"]
@@ -302,10 +317,12 @@ class ClipScorer:
             image_emb = image_emb / image_emb.norm(p=2, dim=-1, keepdim=True)
             text_emb = text_emb / text_emb.norm(p=2, dim=-1, keepdim=True)
             scores.append((100 * (image_emb * text_emb).sum(-1)).double().cpu())
+            bar.update(len(batch))
+        bar.close()
         return torch.cat(scores)
 
-    def score(self, images, prompts: Sequence[str], batch_size: int = 16) -> float:
-        return float(self.pair_scores(images, prompts, batch_size).mean().clamp_min(0))
+    def score(self, images, prompts: Sequence[str], batch_size: int = 16, progress: bool = True) -> float:
+        return float(self.pair_scores(images, prompts, batch_size, progress).mean().clamp_min(0))
 
 
 def _embedding(output) -> torch.Tensor:
@@ -382,18 +399,19 @@ class Evaluator:
     clip: Optional[ClipScorer] = None
     kid: bool = False
     batch_size: int = 16
+    progress: bool = True  # progress bars over Inception / CLIP batches (only when there are several)
     _real_features: Optional[Dict[int, torch.Tensor]] = field(default=None, repr=False)
 
     @classmethod
     def from_paths(cls, inception_weights: Optional[str] = None, clip_model: Optional[str] = None,
                    kid: bool = False, batch_size: int = 16, inception_input_size: int = 299,
-                   dims: Sequence[int] = FID_DIMS, device: str = "cpu") -> "Evaluator":
+                   dims: Sequence[int] = FID_DIMS, device: str = "cpu", progress: bool = True) -> "Evaluator":
         inception = InceptionFeatures(inception_weights, dims=dims, input_size=inception_input_size).to(device)
         clip = ClipScorer(clip_model, device=device) if clip_model is not None else None
-        return cls(inception, clip, kid, batch_size)
+        return cls(inception, clip, kid, batch_size, progress)
 
     def set_real(self, images) -> None:
-        self._real_features = self.inception.extract(images, self.batch_size)
+        self._real_features = self.inception.extract(images, self.batch_size, progress=self.progress)
 
     def evaluate(self, generated, prompts: Optional[Sequence[str]] = None, real=None) -> Dict[str, float]:
         """{"fid" (2048), "fid_64", "fid_192", ["kid", "kid_std"], ["clip_score"]} for one generated set."""
@@ -401,7 +419,7 @@ class Evaluator:
             self.set_real(real)
         if self._real_features is None:
             raise RuntimeError("Evaluator.evaluate: no real images: call set_real(images) or pass real=...")
-        fake = self.inception.extract(generated, self.batch_size)
+        fake = self.inception.extract(generated, self.batch_size, progress=self.progress)
         results: Dict[str, float] = {}
         for dim in self.inception.dims:
             results[fid_key(dim)] = frechet_distance(self._real_features[dim], fake[dim])
@@ -411,7 +429,7 @@ class Evaluator:
         if self.clip is not None:
             if prompts is None:
                 raise ValueError("Evaluator.evaluate: CLIP score needs the prompts of the generated images")
-            results["clip_score"] = self.clip.score(generated, prompts, self.batch_size)
+            results["clip_score"] = self.clip.score(generated, prompts, self.batch_size, progress=self.progress)
         return results
 
 

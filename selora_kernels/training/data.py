@@ -5,6 +5,10 @@ paper does: short side resized to the resolution (224 or 384 in the paper), cent
 captions tokenized and truncated to the tokenizer limit (77 with BOS/EOS for CLIP). Images that are
 missing or unreadable are checked up front and reported with their path: skipped with a warning
 (on_error="skip") or raised (on_error="fail"), never dropped silently.
+
+16-bit grayscale images (PIL modes "I;16", "I;16B", "I;16L", "I"; e.g. 12-bit X-rays stored in 16-bit PNGs) are
+scaled to 8 bits by the full range of the bit depth their data occupies (`to_rgb`), not clipped at 255.
+IU X-Ray is split by report (uid) before expanding to images, so no report is in two splits.
 """
 from __future__ import annotations
 
@@ -16,8 +20,10 @@ import re
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +41,27 @@ class Record(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- preprocessing
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of `image`. PIL's convert("RGB") clips integer modes ("I;16*", "I") at 255, which
+    turns a 12- or 16-bit X-ray almost white; those are scaled instead: value * 255 / (2**bits - 1), where
+    bits is the smallest bit depth >= 8 that holds the image's maximum (a 12-bit image: / 4095, a full 16-bit
+    one: / 65535, data <= 255: unchanged). The divisor is the range of the bit depth present, not the
+    image's own maximum, so the brightness of images of one depth stays comparable. Negative values clip to 0."""
+    if image.mode not in HIGH_BIT_DEPTH_MODES:
+        return image.convert("RGB")
+    values = np.asarray(image).astype(np.float64)
+    top = float(values.max()) if values.size else 0.0
+    bits = max(8, int(np.ceil(np.log2(top + 1.0)))) if top > 0 else 8
+    scaled = np.clip(np.round(values * (255.0 / (2.0 ** bits - 1.0))), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled).convert("RGB")  # uint8 (H, W): mode "L"
+
+
 def preprocess_image(image: Image.Image, resolution: int) -> torch.Tensor:
     """Short side to `resolution` (bilinear), centre crop to a square, (3, res, res) float in [-1, 1]."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -55,12 +79,15 @@ def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
                      max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
 
 
-def check_images(records: Sequence[Record], on_error: str = "skip") -> List[Record]:
-    """Records whose image opens and decodes; bad ones are reported with their path (and skipped or raised)."""
+def check_images(records: Sequence[Record], on_error: str = "skip", progress: bool = True) -> List[Record]:
+    """Records whose image opens and decodes; bad ones are reported with their path (and skipped or raised).
+    Decodes every file once, so a progress bar shows (progress=False, or fewer than 100 files: none)."""
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     good, bad = [], []
-    for record in records:
+    files = sum(not isinstance(record.image, Image.Image) for record in records)
+    for record in tqdm(records, desc="check images", unit="img", disable=not progress or files < 100,
+                       dynamic_ncols=True, leave=False):
         if isinstance(record.image, Image.Image):
             good.append(record)
             continue
@@ -88,8 +115,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     """Preprocessed (pixel_values, input_ids, caption) examples of checked records."""
 
     def __init__(self, records: Sequence[Record], tokenizer, resolution: int, on_error: str = "skip",
-                 name: str = "dataset"):
-        self.records = check_images(records, on_error)
+                 name: str = "dataset", progress: bool = True):
+        self.records = check_images(records, on_error, progress=progress)
         if not self.records:
             raise ValueError(f"{name}: no readable images (of {len(records)} records)")
         self.tokenizer = tokenizer
@@ -111,10 +138,17 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------------------- splits
 def split_records(records: Sequence[Record], fractions: Sequence[float], seed: int = 42,
-                  names: Sequence[str] = ("train", "validation", "test")) -> List[List[Record]]:
-    """Shuffles with a fixed seed and cuts by `fractions`; raises ValueError for an empty split."""
+                  names: Sequence[str] = ("train", "validation", "test"),
+                  groups: Optional[Sequence] = None) -> List[List[Record]]:
+    """Shuffles with a fixed seed and cuts by `fractions`; raises ValueError for an empty split.
+
+    groups: one key per record (IU X-Ray: the report uid). Then the distinct keys are shuffled and cut by
+    `fractions` (of the number of keys), and each split gets every record of its keys (in input order):
+    records sharing a key never land in two splits."""
     if abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"split fractions must sum to 1, got {list(fractions)}")
+    if groups is not None:
+        return _split_groups(records, fractions, seed, names, groups)
     shuffled = list(records)
     random.Random(seed).shuffle(shuffled)
     splits, start = [], 0
@@ -127,6 +161,29 @@ def split_records(records: Sequence[Record], fractions: Sequence[float], seed: i
             raise ValueError(f"the {name} split is empty: {len(shuffled)} records split by {list(fractions)} "
                              f"gives {[len(s) for s in splits]}; expected at least one record per split "
                              f"(add data or change the fractions)")
+    return splits
+
+
+def _split_groups(records, fractions, seed, names, groups) -> List[List[Record]]:
+    records, groups = list(records), list(groups)
+    if len(groups) != len(records):
+        raise ValueError(f"split_records: {len(groups)} group keys for {len(records)} records")
+    members = {}
+    for record, key in zip(records, groups):
+        members.setdefault(key, []).append(record)
+    keys = list(members)
+    random.Random(seed).shuffle(keys)
+    key_splits, start = [], 0
+    for i, fraction in enumerate(fractions):
+        end = len(keys) if i == len(fractions) - 1 else start + round(fraction * len(keys))
+        key_splits.append(keys[start:end])
+        start = end
+    splits = [[record for key in part for record in members[key]] for part in key_splits]
+    for name, split in zip(names, splits):
+        if not split:
+            raise ValueError(f"the {name} split is empty: {len(keys)} groups ({len(records)} records) split by "
+                             f"{list(fractions)} gives {[len(k) for k in key_splits]} groups; expected at least "
+                             f"one group per split (add data or change the fractions)")
     return splits
 
 
@@ -163,10 +220,11 @@ def _find_dir(root: Path, candidates: Sequence[str]) -> Path:
     raise FileNotFoundError(f"{root}: no image folder; looked for {list(candidates)}")
 
 
-def load_iu_xray_records(data_dir) -> List[Record]:
+def load_iu_xray_records(data_dir, return_uids: bool = False):
     """IU X-Ray (Kaggle layout): indiana_reports.csv (uid, findings, ...), indiana_projections.csv
     (uid, filename, projection) and images/images_normalized/. Frontal images, findings as the prompt;
-    reports without findings are dropped (counted in the log)."""
+    reports without findings are dropped (counted in the log). return_uids: (records, the report uid of each
+    record), to split by report (`load_split_records`)."""
     root = Path(data_dir)
     reports_path, projections_path = root / "indiana_reports.csv", root / "indiana_projections.csv"
     for path in (reports_path, projections_path):
@@ -184,7 +242,7 @@ def load_iu_xray_records(data_dir) -> List[Record]:
             raise ValueError(f"IU X-Ray: {root / name} lacks columns {missing}; found {list(rows[0])}")
     image_dir = _find_dir(root, ("images/images_normalized", "images_normalized", "images"))
     findings = {row["uid"]: (row["findings"] or "").strip() for row in reports}
-    records, without_findings = [], 0
+    records, uids, without_findings = [], [], 0
     for row in projections:
         if row["projection"].strip().lower() != "frontal":
             continue
@@ -193,9 +251,10 @@ def load_iu_xray_records(data_dir) -> List[Record]:
             without_findings += 1
             continue
         records.append(Record(image_dir / row["filename"], text))
+        uids.append(row["uid"])
     if without_findings:
         logger.info("IU X-Ray: %d frontal images without findings were left out", without_findings)
-    return records
+    return (records, uids) if return_uids else records
 
 
 # ---------------------------------------------------------------------------- Montgomery County
@@ -262,11 +321,27 @@ def load_records(dataset: str, data_dir=None, caption_column: str = "text", seed
     raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(SPLITS)}")
 
 
-def build_datasets(dataset: str, tokenizer, resolution: int, data_dir=None, caption_column: str = "text",
-                   split_seed: int = 42, on_error: str = "skip", fractions: Optional[Sequence[float]] = None,
-                   **kwargs):
-    """(train, validation) ImageCaptionDatasets (a test split, if any, is left for evaluation)."""
+SPLIT_SEED = 42  # the split is the same whatever the training seed (training and evaluation share it)
+
+
+def load_split_records(dataset: str, data_dir=None, caption_column: str = "text", split_seed: int = SPLIT_SEED,
+                       fractions: Optional[Sequence[float]] = None, **kwargs) -> List[List[Record]]:
+    """The dataset's records cut into its splits (train, validation[, test]); unchecked. IU X-Ray is split by
+    report uid (seeded), then each split gets the frontal images of its reports."""
+    fractions = fractions or SPLITS[dataset]
+    if dataset == "iu_xray" and data_dir is not None and Path(data_dir).is_dir():
+        records, uids = load_iu_xray_records(data_dir, return_uids=True)
+        return split_records(records, fractions, seed=split_seed, groups=uids)
     records = load_records(dataset, data_dir, caption_column, **kwargs)
-    splits = split_records(records, fractions or SPLITS[dataset], seed=split_seed)
-    return (ImageCaptionDataset(splits[0], tokenizer, resolution, on_error, name=f"{dataset} train split"),
-            ImageCaptionDataset(splits[1], tokenizer, resolution, on_error, name=f"{dataset} validation split"))
+    return split_records(records, fractions, seed=split_seed)
+
+
+def build_datasets(dataset: str, tokenizer, resolution: int, data_dir=None, caption_column: str = "text",
+                   split_seed: int = SPLIT_SEED, on_error: str = "skip", fractions: Optional[Sequence[float]] = None,
+                   progress: bool = True, **kwargs):
+    """(train, validation) ImageCaptionDatasets (a test split, if any, is left for evaluation)."""
+    splits = load_split_records(dataset, data_dir, caption_column, split_seed, fractions, **kwargs)
+    return (ImageCaptionDataset(splits[0], tokenizer, resolution, on_error, name=f"{dataset} train split",
+                                progress=progress),
+            ImageCaptionDataset(splits[1], tokenizer, resolution, on_error, name=f"{dataset} validation split",
+                                progress=progress))
