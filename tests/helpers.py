@@ -46,3 +46,13 @@ def require_backend(backend: str) -> None:
 
     if backend == "extension" and not has_extension():
         pytest.skip(f"compiled extension unavailable (route: {extension_status()})")
+
+
+def show_past_capture(request, message: str) -> None:
+    """Prints past pytest's output capture, so routes / timings show up even in -q runs."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if capture is None:
+        print(message)
+        return
+    with capture.global_and_fixture_disabled():
+        print("\n" + message.strip(), flush=True)

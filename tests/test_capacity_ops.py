@@ -20,19 +20,14 @@ from selora_kernels import _extension
 from selora_kernels._extension import extension_status, has_extension
 from selora_kernels.ops.capacity import adam_step_, expand_slots_, grow_capacity_
 
+from helpers import show_past_capture
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["extension", "fallback"]
 # torch.optim.AdamW vs our per-slot step in fp32: same op sequence, differences are FMA/rounding only.
 ADAM_FP32_TOL = dict(rtol=1e-6, atol=1e-7)
 
-def _show(request, message: str) -> None:
-    """Prints past pytest's output capture, so the route / timings show up even in -q runs."""
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    if capture is None:
-        print(message)
-        return
-    with capture.global_and_fixture_disabled():
-        print("\n" + message.strip(), flush=True)
+_show = show_past_capture
 
 
 

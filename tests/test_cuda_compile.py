@@ -13,17 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import show_past_capture
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOOL = REPO_ROOT / "tools" / "compile_cuda_sources.py"
 
-def _show(request, message: str) -> None:
-    """Prints past pytest's output capture, so the route / timings show up even in -q runs."""
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    if capture is None:
-        print(message)
-        return
-    with capture.global_and_fixture_disabled():
-        print("\n" + message.strip(), flush=True)
+_show = show_past_capture
 
 
 

@@ -193,15 +193,11 @@ class AdapterMethod:
 
     def load(self, path) -> dict:
         """Loads tensors written by `save` into the injected adapters; returns the extra metadata."""
-        from safetensors import safe_open
+        from ..integrations.adapter_io import read_safetensors
 
         self._check_injected()
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{self.name}.load: adapter file {path} does not exist")
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            saved = {key: handle.get_tensor(key) for key in handle.keys()}
+        saved, metadata = read_safetensors(path, what=f"{self.name}.load: adapter file")
         if metadata.get("adapter_method") != self.name:
             raise ValueError(f"{path}: written by method {metadata.get('adapter_method')!r}, loading into "
                              f"{self.name!r}")

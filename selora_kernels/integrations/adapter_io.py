@@ -75,16 +75,21 @@ def save_adapter(path, model_or_modules, config: Optional[SeLoRAConfig] = None,
     return atomic_save_safetensors(tensors, path, metadata)
 
 
-def read_adapter(path):
-    """(tensors, metadata) of an adapter file, metadata values decoded from JSON."""
+def read_safetensors(path, what: str = "adapter file"):
+    """(tensors, raw string metadata) of a safetensors file; FileNotFoundError naming `what` if absent."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"adapter file {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     with safe_open(str(path), framework="pt") as handle:
-        raw = handle.metadata() or {}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+
+
+def read_adapter(path):
+    """(tensors, metadata) of an adapter file, metadata values decoded from JSON."""
+    path = Path(path)
+    tensors, raw = read_safetensors(path)
     if raw.get("format") != FORMAT_TAG:
         raise ValueError(f"{path}: not a SeLoRA adapter file (header format={raw.get('format')!r}, expected "
                          f"{FORMAT_TAG!r}); peft/diffusers LoRA files load with pipe.load_lora_weights")
