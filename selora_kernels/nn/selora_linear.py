@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..config import validate_adapter_options
-from ..ops.reference import FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT, FISHER_ROWS, fisher_dtype
-from ..ops.selora_linear import selora_linear
+from ..ops.reference import cast, FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT, FISHER_ROWS, fisher_dtype
+from ..ops.selora_linear import selora_linear_autograd
 from ..optim.adapter_registry import register_adapter_parameter
 
 
@@ -153,11 +153,11 @@ class SeLoRALinear(nn.Module):
             multiplier = float(num_samples) if self._per_sample_reduction == "mean" else 1.0
         else:
             probe, multiplier = None, 1.0
-        flat = x.reshape(-1, self.in_features).to(dtype)
-        bias = self.bias.to(dtype) if self.bias is not None else None
-        y = selora_linear(flat, self.weight.to(dtype), bias, self.lora_A.to(dtype), self.lora_B.to(dtype),
-                          self.trial_row.to(dtype), self.live_rank, probe, self.scale, num_samples,
-                          multiplier, probe is not None)
+        flat = cast(x.reshape(-1, self.in_features), dtype)
+        bias = cast(self.bias, dtype) if self.bias is not None else None
+        y = selora_linear_autograd(flat, cast(self.weight, dtype), bias, cast(self.lora_A, dtype),
+                                   cast(self.lora_B, dtype), cast(self.trial_row, dtype), self.live_rank, probe,
+                                   self.scale, num_samples, multiplier, probe is not None)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     # ---------------------------------------------------------------- Fisher

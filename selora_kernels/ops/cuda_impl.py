@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..kernels import configs
 from .reference import backward_reference, forward_reference
-from .selora_linear import selora_linear, selora_linear_backward
+from .selora_linear import autocast_off, register_device_kernels, selora_linear, selora_linear_backward
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 FORWARD_PATHS = ("fused", "merged", "reference")
@@ -102,8 +102,7 @@ def _same_dtype(*tensors) -> bool:
 
 def selora_linear_cuda(x, weight, bias, lora_a, lora_b, trial_row, live_rank, fisher_probe, scale,
                        num_samples, per_sample_multiplier, measuring):
-    # autocast stays on inside a registered kernel; the caller already chose the compute dtype
-    with torch.autocast("cuda", enabled=False):
+    with autocast_off("cuda"):
         return _forward_cuda(x, weight, bias, lora_a, lora_b, scale)
 
 
@@ -126,7 +125,7 @@ def _forward_cuda(x, weight, bias, lora_a, lora_b, scale):
 
 def selora_linear_backward_cuda(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale, num_samples,
                                 per_sample_multiplier, measuring, compute_grad_x):
-    with torch.autocast("cuda", enabled=False):
+    with autocast_off("cuda"):
         return _backward_cuda(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale, num_samples,
                               per_sample_multiplier, measuring, compute_grad_x)
 
@@ -153,3 +152,4 @@ def _backward_cuda(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scal
 if TRITON_AVAILABLE:
     selora_linear.register_kernel("cuda")(selora_linear_cuda)
     selora_linear_backward.register_kernel("cuda")(selora_linear_backward_cuda)
+    register_device_kernels("cuda", selora_linear_cuda, selora_linear_backward_cuda)

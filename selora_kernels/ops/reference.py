@@ -40,6 +40,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tensor.to(dtype), skipping the dispatcher round trip when it is already of that dtype (hot path)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def fisher_dtype(dtype: torch.dtype) -> torch.dtype:
     """Fisher statistics are fp32, or fp64 for fp64 inputs (the oracle tests)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -81,12 +86,12 @@ def forward_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       live_rank: Optional[int] = None) -> torch.Tensor:
     """y = x W0^T + b0 + s (x A^T) B^T for 2-D x (M x in); `live_rank` (host int) lets dead blocks be skipped."""
     acc = accumulation_dtype(x.dtype)
-    y = F.linear(x, weight, bias).to(acc)
-    xa = x.to(acc)
+    y = cast(F.linear(x, weight, bias), acc)
+    xa = cast(x, acc)
     for start, stop in _slot_blocks(lora_a.shape[0], live_rank):
-        low_rank = F.linear(xa, lora_a[start:stop].to(acc))  # dead slots give exact zeros
-        y.addmm_(low_rank, lora_b[:, start:stop].to(acc).t(), alpha=scale)
-    return y.to(x.dtype)
+        low_rank = F.linear(xa, cast(lora_a[start:stop], acc))  # dead slots give exact zeros
+        y.addmm_(low_rank, cast(lora_b[:, start:stop], acc).t(), alpha=scale)
+    return cast(y, x.dtype)
 
 
 def backward_reference(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -103,10 +108,10 @@ def backward_reference(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     capacity = lora_a.shape[0]
     live = host_live_rank(live_rank)
     slots = capacity if live is None else min(live, capacity)
-    g = grad_y.to(acc)
-    xa = x.to(acc)
-    a = lora_a[:slots].to(acc)
-    b = lora_b[:, :slots].to(acc)
+    g = cast(grad_y, acc)
+    xa = cast(x, acc)
+    a = cast(lora_a[:slots], acc)
+    b = cast(lora_b[:, :slots], acc)
     proj_grad = g @ b  # P = dy B, (M, slots)
     low_rank = xa @ a.t()  # U = x A^T, (M, slots)
     if live is None:
@@ -118,14 +123,14 @@ def backward_reference(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     torch.mm(proj_grad.t(), xa, out=grad_a[:slots]).mul_(scale)
     grad_b[:, :slots] = (g.t() @ low_rank).mul_(scale)
     if compute_grad_x:
-        grad_x = F.linear(grad_y, weight.t()).to(acc).addmm_(proj_grad, a, alpha=scale).to(x.dtype)
+        grad_x = cast(cast(F.linear(grad_y, weight.t()), acc).addmm_(proj_grad, a, alpha=scale), x.dtype)
     else:
         grad_x = x.new_empty(0)
     fisher = torch.zeros(FISHER_ROWS, capacity + 1, dtype=fisher_dtype(x.dtype), device=x.device)
     if measuring:
-        per_sample_fisher(fisher, g, xa, proj_grad, low_rank, trial_row.to(acc), scale, num_samples,
+        per_sample_fisher(fisher, g, xa, proj_grad, low_rank, cast(trial_row, acc), scale, num_samples,
                           per_sample_multiplier)
-    return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), fisher
+    return grad_x, cast(grad_a, lora_a.dtype), cast(grad_b, lora_b.dtype), fisher
 
 
 def per_sample_fisher(fisher: torch.Tensor, g: torch.Tensor, x: torch.Tensor, proj_grad: torch.Tensor,
