@@ -120,45 +120,43 @@ def backward_reference(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         low_rank.mul_(mask)
     grad_a = lora_a.new_zeros(lora_a.shape, dtype=acc)
     grad_b = lora_b.new_zeros(lora_b.shape, dtype=acc)
-    torch.mm(proj_grad.t(), xa, out=grad_a[:slots]).mul_(scale)
-    grad_b[:, :slots] = (g.t() @ low_rank).mul_(scale)
+    fisher = torch.zeros(FISHER_ROWS, capacity + 1, dtype=fisher_dtype(x.dtype), device=x.device)
+    if measuring:
+        # the batch gradients are the sums of the per-sample ones: no separate dA / dB products
+        per_sample_a, per_sample_b = per_sample_gradients(g, xa, proj_grad, low_rank, cast(trial_row, acc),
+                                                          num_samples)
+        torch.sum(per_sample_a, dim=0, out=grad_a[:slots]).mul_(scale)
+        grad_b[:, :slots] = per_sample_b[..., :slots].sum(dim=0).mul_(scale)
+        fisher_scale = (scale * per_sample_multiplier) ** 2
+        fisher[FISHER_ROW_A, :slots] = per_sample_a.square().sum(dim=(0, 2)).mul_(fisher_scale)
+        fisher[FISHER_ROW_B, :slots] = per_sample_b[..., :slots].square().sum(dim=(0, 1)).mul_(fisher_scale)
+        fisher[FISHER_ROW_B, -1] = per_sample_b[..., -1].square().sum().mul_(fisher_scale)
+        fisher[FISHER_ROW_COUNT, 0] = num_samples  # the trial A row's Fisher stays 0: its B column is zero
+    else:
+        torch.mm(proj_grad.t(), xa, out=grad_a[:slots]).mul_(scale)
+        grad_b[:, :slots] = (g.t() @ low_rank).mul_(scale)
     if compute_grad_x:
         grad_x = cast(cast(F.linear(grad_y, weight.t()), acc).addmm_(proj_grad, a, alpha=scale), x.dtype)
     else:
         grad_x = x.new_empty(0)
-    fisher = torch.zeros(FISHER_ROWS, capacity + 1, dtype=fisher_dtype(x.dtype), device=x.device)
-    if measuring:
-        per_sample_fisher(fisher, g, xa, proj_grad, low_rank, cast(trial_row, acc), scale, num_samples,
-                          per_sample_multiplier)
     return grad_x, cast(grad_a, lora_a.dtype), cast(grad_b, lora_b.dtype), fisher
 
 
-def per_sample_fisher(fisher: torch.Tensor, g: torch.Tensor, x: torch.Tensor, proj_grad: torch.Tensor,
-                      low_rank: torch.Tensor, trial_row: torch.Tensor, scale: float, num_samples: int,
-                      per_sample_multiplier: float) -> torch.Tensor:
-    """Writes into `fisher` (3, capacity + 1) the sums over samples of squared per-sample gradients of the
-    first `proj_grad.shape[1]` slots (dead ones already zeroed) and of the trial slot (last column).
+def per_sample_gradients(g: torch.Tensor, x: torch.Tensor, proj_grad: torch.Tensor, low_rank: torch.Tensor,
+                         trial_row: torch.Tensor, num_samples: int):
+    """Per-sample gradients divided by s: P_i^T X_i of the live slots (N, slots, in) and G_i^T U_i of the
+    live slots plus the trial slot (N, out, slots + 1). Rows are split into `num_samples` equal segments.
 
-    The trial slot has A row = trial_row and a zero B column, so its P column is zero (its A-gradient
-    is exactly zero) and its U column is x trial_row.
+    The trial slot has A row = trial_row and a zero B column: its U column is x trial_row, its P column and
+    so its A-gradient are exactly zero (not computed).
     """
-    rows, slots = proj_grad.shape
+    rows = proj_grad.shape[0]
     if rows % num_samples:
         raise ValueError(f"{rows} input rows cannot be split into {num_samples} samples")
     tokens = rows // num_samples
-    trial_u = x @ trial_row  # (M,)
-    p_ext = torch.cat([proj_grad, torch.zeros_like(trial_u)[:, None]], dim=1)  # (M, slots + 1)
-    u_ext = torch.cat([low_rank, trial_u[:, None]], dim=1)
+    u_ext = torch.cat([low_rank, (x @ trial_row)[:, None]], dim=1)  # (M, slots + 1)
     x_s = x.reshape(num_samples, tokens, -1)
-    g_s = g.reshape(num_samples, tokens, -1)
-    factor = scale * per_sample_multiplier
-    grad_a_per_sample = factor * torch.einsum("nlr,nli->nri", p_ext.reshape(num_samples, tokens, -1), x_s)
-    grad_b_per_sample = factor * torch.einsum("nlo,nlr->nor", g_s, u_ext.reshape(num_samples, tokens, -1))
-    fisher_a = grad_a_per_sample.square().sum(dim=(0, 2))
-    fisher_b = grad_b_per_sample.square().sum(dim=(0, 1))
-    fisher[FISHER_ROW_A, :slots] = fisher_a[:slots]
-    fisher[FISHER_ROW_B, :slots] = fisher_b[:slots]
-    fisher[FISHER_ROW_A, -1] = fisher_a[-1]
-    fisher[FISHER_ROW_B, -1] = fisher_b[-1]
-    fisher[FISHER_ROW_COUNT, 0] = num_samples
-    return fisher
+    per_sample_a = torch.bmm(proj_grad.reshape(num_samples, tokens, -1).transpose(1, 2), x_s)
+    per_sample_b = torch.bmm(g.reshape(num_samples, tokens, -1).transpose(1, 2),
+                             u_ext.reshape(num_samples, tokens, -1))
+    return per_sample_a, per_sample_b
