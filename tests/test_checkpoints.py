@@ -12,14 +12,14 @@ from selora_kernels.training.finetune import FinetuneOptions, run_finetune
 from selora_kernels.training.tiny_pipeline import build_tiny_pipeline
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("tiny_pipeline")
     build_tiny_pipeline(folder, seed=0)
-    yield folder
-    torch.set_num_threads(threads)
+    return folder
 
 
 def options(folder, out, **overrides):

@@ -16,13 +16,7 @@ from selora_kernels.expansion.fisher import batched_fisher_scores
 from selora_kernels.integrations.targets import inject_selora
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is much faster than two on a busy 2-core machine (OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_model(seed=0, width=8):

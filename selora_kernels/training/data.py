@@ -149,19 +149,26 @@ def split_records(records: Sequence[Record], fractions: Sequence[float], seed: i
         raise ValueError(f"split fractions must sum to 1, got {list(fractions)}")
     if groups is not None:
         return _split_groups(records, fractions, seed, names, groups)
-    shuffled = list(records)
-    random.Random(seed).shuffle(shuffled)
-    splits, start = [], 0
-    for i, fraction in enumerate(fractions):
-        end = len(shuffled) if i == len(fractions) - 1 else start + round(fraction * len(shuffled))
-        splits.append(shuffled[start:end])
-        start = end
-    for name, split, fraction in zip(names, splits, fractions):
+    splits = _shuffled_cut(records, fractions, seed)
+    for name, split in zip(names, splits):
         if not split:
-            raise ValueError(f"the {name} split is empty: {len(shuffled)} records split by {list(fractions)} "
+            raise ValueError(f"the {name} split is empty: {len(records)} records split by {list(fractions)} "
                              f"gives {[len(s) for s in splits]}; expected at least one record per split "
                              f"(add data or change the fractions)")
     return splits
+
+
+def _shuffled_cut(items, fractions, seed) -> list:
+    """`items` shuffled with `seed` and cut into consecutive parts of the given fractions (the last part takes
+    the rounding remainder)."""
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    parts, start = [], 0
+    for i, fraction in enumerate(fractions):
+        end = len(shuffled) if i == len(fractions) - 1 else start + round(fraction * len(shuffled))
+        parts.append(shuffled[start:end])
+        start = end
+    return parts
 
 
 def _split_groups(records, fractions, seed, names, groups) -> List[List[Record]]:
@@ -172,12 +179,7 @@ def _split_groups(records, fractions, seed, names, groups) -> List[List[Record]]
     for record, key in zip(records, groups):
         members.setdefault(key, []).append(record)
     keys = list(members)
-    random.Random(seed).shuffle(keys)
-    key_splits, start = [], 0
-    for i, fraction in enumerate(fractions):
-        end = len(keys) if i == len(fractions) - 1 else start + round(fraction * len(keys))
-        key_splits.append(keys[start:end])
-        start = end
+    key_splits = _shuffled_cut(keys, fractions, seed)
     splits = [[record for key in part for record in members[key]] for part in key_splits]
     for name, split in zip(names, splits):
         if not split:
