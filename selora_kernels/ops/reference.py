@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..config import default_capacity, next_capacity
+
 # Rows of the Fisher statistics tensor returned by the backward, shape (3, capacity + 1):
 # column k < capacity is slot k, column `capacity` is the trial slot.
 FISHER_ROW_A = 0  # sum over samples of ||dL_i/dA[k, :]||^2
@@ -76,7 +78,7 @@ def _slot_blocks(capacity: int, live_rank: Optional[int]):
     bounds, stop = [0], FIRST_SLOT_BLOCK
     while bounds[-1] < capacity:
         bounds.append(min(stop, capacity))
-        stop = 15 if stop == FIRST_SLOT_BLOCK else 2 * (stop + 1) - 1
+        stop = default_capacity(FIRST_SLOT_BLOCK) if stop == FIRST_SLOT_BLOCK else next_capacity(stop)
     blocks = list(zip(bounds[:-1], bounds[1:]))
     return [block for block in blocks if block[0] < max(live_rank, 1)]
 
