@@ -174,12 +174,7 @@ class AdaLoRAMethod(AdapterMethod):
     def _svd_layers(self, part: str):
         from peft.tuners.adalora import SVDLinear
 
-        model = self.models[part]
-        for path in self.target_names[part]:
-            layer = model.get_submodule(path)
-            if not isinstance(layer, SVDLinear):
-                raise RuntimeError(f"{self.name}: {part}.{path} is {type(layer).__name__}, expected peft's SVDLinear")
-            yield path, layer
+        return self.injected_layers(part, SVDLinear, "peft's SVDLinear")
 
     def live_mask(self, part: str, path: str, layer) -> torch.Tensor:
         """Boolean (init_r,) mask of the triplets the allocator keeps. peft records it in

@@ -41,12 +41,7 @@ class LoRAMethod(AdapterMethod):
     def _lora_layers(self, part: str):
         from peft.tuners.lora import LoraLayer
 
-        model = self.models[part]
-        for path in self.target_names[part]:
-            layer = model.get_submodule(path)
-            if not isinstance(layer, LoraLayer):
-                raise RuntimeError(f"{self.name}: {part}.{path} is {type(layer).__name__}, expected a peft LoRA layer")
-            yield path, layer
+        return self.injected_layers(part, LoraLayer, "a peft LoRA layer")
 
     def ranks(self) -> Dict[str, int]:
         return {f"{part}.{path}": int(layer.r[ADAPTER_NAME])

@@ -107,6 +107,15 @@ class AdapterMethod:
         self._inject_parts()
         return dict(self.target_names)
 
+    def injected_layers(self, part: str, layer_type: type, expected: str):
+        """(path, layer) of every target of `part`, checked to be a `layer_type` after injection."""
+        model = self.models[part]
+        for path in self.target_names[part]:
+            layer = model.get_submodule(path)
+            if not isinstance(layer, layer_type):
+                raise RuntimeError(f"{self.name}: {part}.{path} is {type(layer).__name__}, expected {expected}")
+            yield path, layer
+
     def trainable_parameters(self) -> List[nn.Parameter]:
         self._check_injected()
         params, seen = [], set()
