@@ -357,10 +357,30 @@ class BenchHarness:
             "baselines": baselines, "metrics": metrics or {}, "targets": targets or [],
             "errors": errors or {}, "notes": notes,
         }
+        if params.get("device") == "cuda":
+            self._add_roofline(record, times)
         self.records.append(record)
         self._publish(benchmark, op, record, times.get(ours))
         self.write(final=False)
         return record
+
+    def _add_roofline(self, record: dict, times: Dict[str, dict]) -> None:
+        """The case's roofline floors (bench/roofline.py) and, per provider, measured time / estimate."""
+        try:
+            import roofline
+
+            estimate = roofline.case_estimate(record["op"], record["params"], self.meta["device_name"],
+                                              self.torch.get_float32_matmul_precision())
+        except Exception as error:  # noqa: BLE001 (a model error must never cost a GPU run its numbers)
+            record["errors"]["roofline"] = f"{type(error).__name__}: {error}"[:300]
+            return
+        if estimate is None:
+            return
+        for name, floor in estimate["providers"].items():
+            measured = times.get(name, {}).get("median_ms")
+            if measured is not None and floor["estimate_us"] > 0:
+                floor["measured_over_estimate"] = measured * 1e3 / floor["estimate_us"]
+        record["roofline"] = estimate
 
     @staticmethod
     def target(name: str, value, threshold: float, comparison: str, description: str) -> dict:

@@ -8,7 +8,7 @@ import torch
 from torch.func import grad, vmap
 
 from selora_kernels import SeLoRALinear
-from selora_kernels.ops.reference import FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT
+from selora_kernels.ops.reference import FISHER_COL_NONFINITE, FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT
 
 from helpers import fill_live_slots
 
@@ -96,16 +96,32 @@ def test_fisher_accumulates_over_backward_calls_and_trial_never_reaches_grad():
     torch.testing.assert_close(stats[FISHER_ROW_B, [0, 1, 4]], total_b, rtol=1e-10, atol=0)
 
 
-def test_non_finite_input_while_measuring_names_module():
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_input_while_measuring_names_module(bad_value):
+    from selora_kernels.expansion.fisher import batched_fisher_scores
+
     module, _ = make_module(4, 3, capacity=2, rank=1, seed=1)
     module.selora_name = "unet.down_blocks.0.attn1.to_q"
-    module.start_measuring()
-    x = torch.ones(2, 4, dtype=torch.float64)
-    x[1, 2] = float("nan")
-    with pytest.raises(ValueError, match="down_blocks.0.attn1.to_q"):
-        module(x)
+    other, _ = make_module(4, 3, capacity=2, rank=1, seed=2)
+    other.selora_name = "unet.up_blocks.1.attn2.to_k"
+    for m in (module, other):
+        m.start_measuring()
+    x = torch.ones(3, 2, 4, dtype=torch.float64)
+    x[1, 0, 2] = bad_value
+    x[2, 1, 0] = bad_value
+    module(x).sum().backward()  # no check in the forward: no pass over x, no host sync
+    other(torch.ones(3, 2, 4, dtype=torch.float64)).sum().backward()
+    stats = module.fisher_statistics()
+    assert stats[FISHER_ROW_COUNT, 0] == 3 and stats[FISHER_ROW_COUNT, FISHER_COL_NONFINITE] == 2
+    assert other.fisher_statistics()[FISHER_ROW_COUNT, FISHER_COL_NONFINITE] == 0
+    with pytest.raises(ValueError, match=r"down_blocks\.0\.attn1\.to_q \(2 input rows\)"):
+        module.fisher_scores()
+    with pytest.raises(ValueError, match="down_blocks.0.attn1.to_q") as error:
+        batched_fisher_scores([other, module])
+    assert "up_blocks" not in str(error.value)
+    other.fisher_scores()  # a clean module reads fine
     module.stop_measuring()
-    module(x)  # not measuring: no check, no error
+    module(x)  # not measuring: nothing counted, no error
 
 
 def test_no_measuring_means_no_statistics():

@@ -228,6 +228,28 @@ def test_backward_is_deterministic():
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows_per_sample", [33, 2100], ids=["3_shrink_programs", "more_than_a_collect_block"])
+def test_backward_counts_non_finite_input_rows(rows_per_sample):
+    """While measuring, rows of x holding inf/NaN are counted into fisher[2, 1], as the reference does."""
+    from selora_kernels.kernels.selora_linear_backward import selora_linear_backward_triton
+    from selora_kernels.ops.reference import FISHER_COL_NONFINITE, backward_reference
+
+    case = make_case(2, rows_per_sample, 24, 20, 15, 3, torch.float32, seed=11)
+    bad_rows = [0, rows_per_sample + 5, 2 * rows_per_sample - 1]
+    case["x"][bad_rows[0], 3] = float("nan")
+    case["x"][bad_rows[1], 0] = float("inf")
+    case["x"][bad_rows[2], 7] = -float("inf")
+    args = (case["grad_y"], case["x"], case["weight"], case["lora_a"], case["lora_b"], case["trial_row"],
+            case["live_rank"], 0.5, 2, 2.0)
+    fisher = selora_linear_backward_triton(*args, True, True)[3]
+    expected = backward_reference(*args, True, True)[3]
+    assert fisher[2, 0].item() == 2 and fisher[2, FISHER_COL_NONFINITE].item() == len(bad_rows)
+    assert expected[2, FISHER_COL_NONFINITE].item() == len(bad_rows)
+    assert not fisher[2, FISHER_COL_NONFINITE + 1:].any()
+    assert selora_linear_backward_triton(*args, False, True)[3].count_nonzero() == 0  # not measuring
+
+
+@needs_kernels
 def test_rejects_rows_not_divisible_by_samples():
     from selora_kernels.kernels.selora_linear_backward import selora_linear_backward_triton
 
@@ -357,11 +379,12 @@ def test_choose_forward_path_table():
 
 
 @needs_kernels
-def test_merged_and_reference_paths_match():
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merged_and_reference_paths_match(dtype):
     from selora_kernels.ops import cuda_impl
     from selora_kernels.ops.reference import forward_reference
 
-    case = make_case(2, 9, 24, 20, 15, 4, torch.float32, seed=8)
+    case = make_case(2, 9, 24, 20, 15, 4, dtype, seed=8)
     args = (case["x"], case["weight"], case["bias"], case["lora_a"], case["lora_b"], case["trial_row"],
             case["live_rank"], None, 0.5, 2, 2.0, False)
     ref = f64(case)
@@ -371,7 +394,8 @@ def test_merged_and_reference_paths_match():
             cuda_impl.force_path("forward", path)
             y = cuda_impl.selora_linear_cuda(*args)
             assert cuda_impl.last_paths()["forward"] == path
-            assert_rel_close(y, expected, REL_TOL[torch.float32], f"y ({path})")
+            assert y.dtype == dtype
+            assert_rel_close(y, expected, REL_TOL[dtype], f"y ({path})")
     finally:
         cuda_impl.force_path("forward", None)
 

@@ -6,8 +6,9 @@ slots divided by the number of samples; the expanded score adds the trial slot (
 
     FI_orig = sum_{k < r} (F_A[k] + F_B[k]) / N        FI_exp = FI_orig + (F_A[trial] + F_B[trial]) / N
 
-The reductions run on the device; the (modules x 3) table of [live sum, trial sum, N] is optionally summed
-over processes (every process then decides identically) and read back once.
+The reductions run on the device; the (modules x 4) table of [live sum, trial sum, N, non-finite input
+rows] is optionally summed over processes (every process then decides identically) and read back once;
+a module that saw inf/NaN inputs while measuring raises ValueError there, on every process alike.
 """
 from __future__ import annotations
 
@@ -16,25 +17,27 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from ..nn.selora_linear import FisherScores, fi_ratio
-from ..ops.reference import FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT
+from ..nn.selora_linear import FisherScores, fi_ratio, raise_on_nonfinite_inputs
+from ..ops.reference import FISHER_COL_NONFINITE, FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT
 
 
 def fisher_table(modules: Sequence, statistics: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
-    """(len(modules), 3) float64 table on the modules' device: live-slot sum, trial-slot sum, samples."""
+    """(len(modules), 4) float64 table on the modules' device: live-slot sum, trial-slot sum, samples,
+    non-finite input rows."""
     if statistics is None:
         statistics = [m.fisher_statistics() for m in modules]
     rows = []
     for module, stats in zip(modules, statistics):
         per_slot = (stats[FISHER_ROW_A] + stats[FISHER_ROW_B]).double()
-        rows.append(torch.stack([per_slot[:module.rank].sum(), per_slot[-1], stats[FISHER_ROW_COUNT, 0].double()]))
+        counts = stats[FISHER_ROW_COUNT, :FISHER_COL_NONFINITE + 1].double()
+        rows.append(torch.cat([torch.stack([per_slot[:module.rank].sum(), per_slot[-1]]), counts]))
     return torch.stack(rows)
 
 
 def scores_from_table(table: Sequence[Sequence[float]], fisher_scale: float = 1.0) -> List[FisherScores]:
     """FisherScores per row of a host table; `fisher_scale` multiplies Fisher values (AMP, accumulation)."""
     scores = []
-    for live, trial, samples in table:
+    for live, trial, samples, *_ in table:
         if samples <= 0:
             scores.append(FisherScores(0.0, 0.0, math.nan, 0))
             continue
@@ -61,7 +64,9 @@ def batched_fisher_scores(modules: Sequence, statistics: Optional[Sequence[torch
     table = fisher_table(modules, statistics)
     if reduce is not None:
         table = reduce(table)
-    return scores_from_table(table.cpu().tolist(), fisher_scale)
+    host = table.cpu().tolist()
+    raise_on_nonfinite_inputs([m.selora_name for m in modules], [row[3] for row in host])
+    return scores_from_table(host, fisher_scale)
 
 
 def squared_gradient_norms(modules: Sequence, extra_slot: bool = False) -> torch.Tensor:

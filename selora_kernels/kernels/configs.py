@@ -63,6 +63,7 @@ KERNELS: Dict[str, Tuple[str, str, bool]] = {
     "shrink": ("selora_linear_backward", "_shrink_kernel", True),
     "segment_reduce": ("selora_linear_backward", "_segment_reduce_kernel", True),
     "finalize": ("selora_linear_backward", "_finalize_kernel", False),
+    "fisher_collect": ("selora_linear_backward", "_fisher_collect_kernel", False),
 }
 
 # Block tables. Why these sizes (compiled numbers: bench/results/static_triton.json):
@@ -91,6 +92,7 @@ _SEGMENT_BLOCKS = {  # (R_PAD x tokens) @ (tokens x BN) per sample chunk; block_
     "fp32": Blocks(0, 64, 32, 4, 3),
 }
 _FINALIZE_BLOCKS = Blocks(0, 64, 0, 4, 1)  # elementwise sum/square over fp32 partials
+_COLLECT_BLOCKS = Blocks(0, 128, 0, 1, 1)  # one program: per-tile Fisher sums, 128 row counts per step
 
 
 def r_pad_for(slots: int) -> int:
@@ -115,7 +117,19 @@ def blocks_for(kernel: str, dtype: str, rows: int = 0) -> Blocks:
         return _SEGMENT_BLOCKS[dtype]
     if kernel == "finalize":
         return _FINALIZE_BLOCKS
+    if kernel == "fisher_collect":
+        return _COLLECT_BLOCKS
     raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(KERNELS)}")
+
+
+def segment_chunks(segment_rows: int, segments: int, depth: int, blocks: Blocks,
+                   target_programs: int) -> Tuple[int, int]:
+    """(chunks per sample, rows per chunk) of the segment reduction: about `target_programs` programs in
+    all (two waves on a GPU), chunk boundaries on BLOCK_T multiples, never a chunk across samples."""
+    tiles_n = -(-depth // blocks.block_n)
+    chunks = max(1, min(-(-segment_rows // blocks.block_k), -(-target_programs // (segments * tiles_n))))
+    chunk_rows = -(-(-(-segment_rows // chunks)) // blocks.block_k) * blocks.block_k
+    return -(-segment_rows // chunk_rows), chunk_rows
 
 
 def dot_precision(dtype: str, fp32_matmul_precision: str = "highest") -> str:
@@ -150,6 +164,8 @@ def all_launch_configs() -> Iterator[LaunchConfig]:
                 yield LaunchConfig("segment_reduce", dtype, r_pad, _SEGMENT_BLOCKS[dtype], "any", dot)
             for fisher in (False, True):
                 yield LaunchConfig("finalize", dtype, r_pad, _FINALIZE_BLOCKS, "any", (("FISHER", fisher),))
+    for r_pad in R_PADS:  # fp32 statistics whatever the operand dtype
+        yield LaunchConfig("fisher_collect", "fp32", r_pad, _COLLECT_BLOCKS, "any")
 
 
 def aot_signature(arg_names, pointer_types: Dict[str, str], constexprs: Dict[str, object],

@@ -16,8 +16,11 @@ Launches (all deterministic: fixed-order reductions, no atomics):
   3. `_segment_reduce_kernel` twice ((P, x) -> dA, (U, dy) -> dB): the token reduction is split at sample
      boundaries and further into chunks inside a sample, each chunk writing an fp32 partial R_PAD x D.
   4. `_finalize_kernel` twice: per D tile, sums each sample's chunk partials in order (the per-sample
-     gradient), adds it into the gradient and, when FISHER, squares (c g_i)^2 into an fp32 per-slot sum; the
-     per-tile Fisher sums are added on the host side in tile order (a tiny torch sum, no sync).
+     gradient), adds it into the gradient and, when FISHER, squares (c g_i)^2 into an fp32 per-slot sum.
+  5. While measuring, `_fisher_collect_kernel` sums the per-tile Fisher sums in tile order and the shrink
+     programs' counts of non-finite input rows, and writes the whole (3, capacity + 1) statistics tensor. One launch instead of five small torch ops: measuring then
+     costs the same number of launches as not measuring (the zero fill of the statistics is skipped), which
+     is what the Fisher increment is made of at small shapes (bench/roofline.py).
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ FISHER_ROWS = 3  # layout of ops.reference: row 0 fisher_a, row 1 fisher_b, row 
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, slot_rows_ptr, trial_row_ptr, live_rank_ptr, out_ptr,
+def _shrink_kernel(x_ptr, slot_rows_ptr, trial_row_ptr, live_rank_ptr, out_ptr, nonfinite_ptr,
                    rows, depth, capacity,
                    stride_xm, stride_xd, stride_sr, stride_sd,
                    HAS_TRIAL: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -65,6 +68,10 @@ def _shrink_kernel(x_ptr, slot_rows_ptr, trial_row_ptr, live_rank_ptr, out_ptr,
         live = live | (slots == capacity)
     acc = tl.where(live[None, :], acc, 0.0)
     tl.store(out_ptr + offs_m[:, None] * R_PAD + slots[None, :], acc, mask=row_ok[:, None])
+    if HAS_TRIAL:  # measuring: count the rows of x holding inf/NaN (their U row is not finite)
+        row_sum = tl.sum(acc, axis=1)  # not finite iff an entry is not (inf - inf, NaN propagate)
+        finite_row = (row_sum - row_sum) == 0.0
+        tl.store(nonfinite_ptr + pid, tl.sum(tl.where(finite_row | ~row_ok, 0.0, 1.0), axis=0))
 
 
 @triton.jit
@@ -126,6 +133,31 @@ def _finalize_kernel(partial_ptr, grad_ptr, fisher_ptr,
         tl.store(fisher_ptr + pid * R_PAD + slots, tl.sum(fisher, axis=1))
 
 
+@triton.jit
+def _fisher_collect_kernel(tiles_a_ptr, tiles_b_ptr, nonfinite_ptr, fisher_ptr, num_tiles_a, num_tiles_b,
+                           num_shrink_programs, width, sample_count,
+                           R_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    # fisher[0] = sum over dA tiles, fisher[1] = over dB tiles (fixed order),
+    # fisher[2] = (N, non-finite input rows = sum of the shrink programs' counts, 0, ..., 0)
+    offs = tl.arange(0, BLOCK)
+    nonfinite = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, num_shrink_programs, BLOCK):
+        nonfinite += tl.load(nonfinite_ptr + start + offs, mask=start + offs < num_shrink_programs, other=0.0)
+    bad_rows = tl.sum(nonfinite, axis=0)
+    slots = tl.arange(0, R_PAD)
+    in_row = slots < width
+    fisher_a = tl.zeros((R_PAD,), dtype=tl.float32)
+    for tile in range(0, num_tiles_a):
+        fisher_a += tl.load(tiles_a_ptr + tile * R_PAD + slots)
+    fisher_b = tl.zeros((R_PAD,), dtype=tl.float32)
+    for tile in range(0, num_tiles_b):
+        fisher_b += tl.load(tiles_b_ptr + tile * R_PAD + slots)
+    tl.store(fisher_ptr + slots, fisher_a, mask=in_row)
+    tl.store(fisher_ptr + width + slots, fisher_b, mask=in_row)
+    count_row = tl.where(slots == 0, sample_count, tl.where(slots == 1, bad_rows, 0.0))
+    tl.store(fisher_ptr + 2 * width + slots, count_row, mask=in_row)
+
+
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -139,13 +171,17 @@ def _target_programs(device: torch.device) -> int:
 
 
 def _shrink(x, slot_rows, slot_strides, trial_row, live_rank, out, capacity, r_pad):
+    """out = (x S^T) . mask; with a trial row, returns each program's count of non-finite rows (fp32)."""
     rows, depth = x.shape
     blocks = configs.blocks_for("shrink", dtype_name(x.dtype))
-    _shrink_kernel[(triton.cdiv(rows, blocks.block_m),)](
-        x, slot_rows, trial_row if trial_row is not None else slot_rows, live_rank, out,
+    programs = triton.cdiv(rows, blocks.block_m)
+    nonfinite = torch.empty(programs, dtype=torch.float32, device=x.device) if trial_row is not None else out
+    _shrink_kernel[(programs,)](
+        x, slot_rows, trial_row if trial_row is not None else slot_rows, live_rank, out, nonfinite,
         rows, depth, capacity, x.stride(0), x.stride(1), slot_strides[0], slot_strides[1],
         HAS_TRIAL=trial_row is not None, R_PAD=r_pad, BLOCK_M=blocks.block_m, BLOCK_K=blocks.block_k,
         DOT_PRECISION=current_dot_precision(x.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    return nonfinite if trial_row is not None else None
 
 
 def _reduce(low_rank, x, grad, grad_strides, capacity, r_pad, scale, segments, fisher_factor, measuring):
@@ -155,10 +191,8 @@ def _reduce(low_rank, x, grad, grad_strides, capacity, r_pad, scale, segments, f
     blocks = configs.blocks_for("segment_reduce", name)
     segment_rows = rows // segments
     tiles_n = triton.cdiv(depth, blocks.block_n)
-    chunks = max(1, min(triton.cdiv(segment_rows, blocks.block_k),
-                        triton.cdiv(_target_programs(x.device), segments * tiles_n)))
-    chunk_rows = triton.cdiv(triton.cdiv(segment_rows, chunks), blocks.block_k) * blocks.block_k
-    chunks = triton.cdiv(segment_rows, chunk_rows)
+    chunks, chunk_rows = configs.segment_chunks(segment_rows, segments, depth, blocks,
+                                                _target_programs(x.device))
     partial = torch.empty(segments * chunks, r_pad, depth, dtype=torch.float32, device=x.device)
     _segment_reduce_kernel[(segments * chunks, tiles_n)](
         low_rank, x, partial, segment_rows, chunk_rows, chunks, depth, x.stride(0), x.stride(1),
@@ -189,7 +223,9 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
     device = x.device
     if measuring and rows % num_samples:
         raise ValueError(f"{rows} input rows cannot be split into {num_samples} samples")
-    fisher = torch.zeros(FISHER_ROWS, capacity + 1, dtype=torch.float32, device=device)
+    # Measuring: every entry is written by _fisher_collect_kernel, so no zero fill (one launch fewer).
+    fisher = torch.empty if measuring and rows and in_features and out_features else torch.zeros
+    fisher = fisher(FISHER_ROWS, capacity + 1, dtype=torch.float32, device=device)
     grad_x = torch.empty(rows, in_features, dtype=x.dtype, device=device) if compute_grad_x else x.new_empty(0)
     grad_a = torch.empty(capacity, in_features, dtype=lora_a.dtype, device=device)
     grad_b = torch.empty(out_features, capacity, dtype=lora_b.dtype, device=device)
@@ -214,7 +250,8 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
         _shrink(grad_y, lora_b, (lora_b.stride(1), lora_b.stride(0)), None, live_rank, proj_grad, capacity, r_pad)
     low_rank = torch.empty(rows, r_pad, dtype=torch.float32, device=device)  # U = (x A_ext^T) . mask
     trial = trial_row.contiguous() if measuring else None  # read as a unit-stride vector
-    _shrink(x, lora_a, (lora_a.stride(0), lora_a.stride(1)), trial, live_rank, low_rank, capacity, r_pad)
+    nonfinite = _shrink(x, lora_a, (lora_a.stride(0), lora_a.stride(1)), trial, live_rank, low_rank, capacity,
+                        r_pad)
 
     segments = num_samples if measuring else 1
     fisher_factor = scale * per_sample_multiplier
@@ -223,9 +260,11 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
     fisher_b = _reduce(low_rank, grad_y, grad_b, (grad_b.stride(1), grad_b.stride(0)), capacity, r_pad, scale,
                        segments, fisher_factor, measuring)
     if measuring:
-        fisher[0] = fisher_a.sum(dim=0)[:capacity + 1]
-        fisher[1] = fisher_b.sum(dim=0)[:capacity + 1]
-        fisher[2, 0] = num_samples
+        collect = configs.blocks_for("fisher_collect", "fp32")
+        _fisher_collect_kernel[(1,)](fisher_a, fisher_b, nonfinite, fisher, fisher_a.shape[0], fisher_b.shape[0],
+                                     nonfinite.shape[0], capacity + 1, float(num_samples), R_PAD=r_pad,
+                                     BLOCK=collect.block_n, num_warps=collect.num_warps,
+                                     num_stages=collect.num_stages)
     return grad_x, grad_a, grad_b, fisher
 
 
@@ -242,7 +281,7 @@ def aot_spec(config: configs.LaunchConfig):
         constexprs = dict(HAS_TRIAL=bool(flags["HAS_TRIAL"]), R_PAD=config.r_pad, BLOCK_M=b.block_m,
                           BLOCK_K=b.block_k, DOT_PRECISION=precision, stride_xd=1, **unit_stride)
         pointers = {"x_ptr": dtype, "slot_rows_ptr": dtype, "trial_row_ptr": dtype, "live_rank_ptr": "i64",
-                    "out_ptr": "fp32"}
+                    "out_ptr": "fp32", "nonfinite_ptr": "fp32"}
         floats = ()
     elif config.kernel == "segment_reduce":
         fn = _segment_reduce_kernel
@@ -256,6 +295,11 @@ def aot_spec(config: configs.LaunchConfig):
         constexprs = dict(FISHER=bool(flags["FISHER"]), R_PAD=config.r_pad, BLOCK_N=b.block_n)
         pointers = {"partial_ptr": "fp32", "grad_ptr": dtype, "fisher_ptr": "fp32"}
         floats = ("scale", "fisher_factor")
+    elif config.kernel == "fisher_collect":
+        fn = _fisher_collect_kernel
+        constexprs = dict(R_PAD=config.r_pad, BLOCK=config.blocks.block_n)
+        pointers = {"tiles_a_ptr": "fp32", "tiles_b_ptr": "fp32", "nonfinite_ptr": "fp32", "fisher_ptr": "fp32"}
+        floats = ("sample_count",)
     else:
         raise KeyError(f"{config.kernel!r} is not a backward kernel")
     not_divisible = ("stride_sd", "stride_gr", "stride_gd")  # B's column stride is the capacity (e.g. 15)

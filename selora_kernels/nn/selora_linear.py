@@ -9,13 +9,14 @@ lives in a buffer outside the Parameter, so neither the optimizer nor weight dec
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..config import validate_adapter_options
-from ..ops.reference import cast, FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT, FISHER_ROWS, fisher_dtype
+from ..ops.reference import (cast, FISHER_COL_NONFINITE, FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT,
+                             FISHER_ROWS, fisher_dtype)
 from ..ops.selora_linear import selora_linear_autograd
 from ..optim.adapter_registry import register_adapter_parameter
 
@@ -148,8 +149,8 @@ class SeLoRALinear(nn.Module):
         num_samples = x.shape[0] if x.dim() > 1 else 1
         probe = self._fisher_probe
         if probe is not None and torch.is_grad_enabled():
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{self.selora_name}: non-finite values in the input while measuring Fisher")
+            # Non-finite inputs are counted by the backward (FISHER_COL_NONFINITE) and raised when the
+            # statistics are read: checking x here would cost a pass over x and a host sync per layer.
             multiplier = float(num_samples) if self._per_sample_reduction == "mean" else 1.0
         else:
             probe, multiplier = None, 1.0
@@ -184,8 +185,11 @@ class SeLoRALinear(nn.Module):
         return grad.detach().clone() if grad is not None else torch.zeros_like(self._fisher_probe.detach())
 
     def fisher_scores(self, statistics: Optional[torch.Tensor] = None) -> FisherScores:
-        """FI-Score of the module and of its expansion by the trial slot, and FI-Ratio."""
+        """FI-Score of the module and of its expansion by the trial slot, and FI-Ratio.
+
+        Raises ValueError when inputs holding inf/NaN reached the module while it was measuring."""
         stats = self.fisher_statistics() if statistics is None else statistics
+        raise_on_nonfinite_inputs([self.selora_name], [float(stats[FISHER_ROW_COUNT, FISHER_COL_NONFINITE])])
         return scores_from_statistics(stats, self.rank)
 
     # ---------------------------------------------------------------- growth
@@ -252,6 +256,14 @@ def check_saved_adapter(name, lora_a, lora_b, rank, in_features, out_features) -
     if bool(lora_a[rank:].any()) or bool(lora_b[:, rank:].any()):
         raise ValueError(f"{name}: saved rank is {rank} but slots beyond it are non-zero: the state dict's "
                          f"ranks disagree with its adapter tensors")
+
+
+def raise_on_nonfinite_inputs(names: Sequence[str], nonfinite_rows: Sequence[float]) -> None:
+    """ValueError naming every module whose measured inputs held inf/NaN (counts from the statistics)."""
+    bad = [f"{name} ({int(count)} input rows)" for name, count in zip(names, nonfinite_rows) if count > 0]
+    if bad:
+        raise ValueError(f"non-finite values in the input while measuring Fisher: {', '.join(bad[:5])}"
+                         f"{f' and {len(bad) - 5} more modules' if len(bad) > 5 else ''}")
 
 
 def scores_from_statistics(stats: torch.Tensor, rank: int) -> FisherScores:

@@ -89,7 +89,13 @@ def choose_backward_path(capacity: int, dtype: torch.dtype, measuring: bool) -> 
 
 
 def merged_forward(x, weight, bias, lora_a, lora_b, scale):
-    """F.linear(x, W0 + s B A, b0), the update formed in fp32 (fp64 stays fp64) and rounded once."""
+    """F.linear(x, W0 + s B A, b0), the update accumulated in fp32 (fp64 stays fp64) and rounded once.
+
+    One addmm in the operands' dtype: cuBLAS computes half-precision GEMMs in fp32, adds W0 in fp32 and
+    rounds the result once, so casting W0, A and B to fp32 first (three more launches and 4-byte copies
+    of W0) would give the same weight at a higher cost (bench/roofline.py)."""
+    if x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda:
+        return F.linear(x, torch.addmm(weight, lora_b, lora_a, alpha=scale), bias)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     merged = torch.addmm(weight.to(acc), lora_b.to(acc), lora_a.to(acc), alpha=scale).to(x.dtype)
     return F.linear(x, merged, bias)

@@ -33,8 +33,12 @@ from ..config import default_capacity, next_capacity
 # column k < capacity is slot k, column `capacity` is the trial slot.
 FISHER_ROW_A = 0  # sum over samples of ||dL_i/dA[k, :]||^2
 FISHER_ROW_B = 1  # sum over samples of ||dL_i/dB[:, k]||^2
-FISHER_ROW_COUNT = 2  # column 0: number of samples accumulated
+FISHER_ROW_COUNT = 2  # column 0: number of samples accumulated; column 1: FISHER_COL_NONFINITE
 FISHER_ROWS = 3
+# Input rows whose x A_ext^T (live slots + trial slot) is not finite, i.e. rows of x holding inf/NaN: counted
+# in the backward that already forms x A_ext^T, so the check costs no pass over x and no host sync; the
+# statistics' readers (nn.SeLoRALinear.fisher_scores, expansion.fisher) raise on it, naming the module.
+FISHER_COL_NONFINITE = 1
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -125,8 +129,8 @@ def backward_reference(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     fisher = torch.zeros(FISHER_ROWS, capacity + 1, dtype=fisher_dtype(x.dtype), device=x.device)
     if measuring:
         # the batch gradients are the sums of the per-sample ones: no separate dA / dB products
-        per_sample_a, per_sample_b = per_sample_gradients(g, xa, proj_grad, low_rank, cast(trial_row, acc),
-                                                          num_samples)
+        per_sample_a, per_sample_b, u_ext = per_sample_gradients(g, xa, proj_grad, low_rank,
+                                                                 cast(trial_row, acc), num_samples)
         torch.sum(per_sample_a, dim=0, out=grad_a[:slots]).mul_(scale)
         grad_b[:, :slots] = per_sample_b[..., :slots].sum(dim=0).mul_(scale)
         fisher_scale = (scale * per_sample_multiplier) ** 2
@@ -134,6 +138,7 @@ def backward_reference(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         fisher[FISHER_ROW_B, :slots] = per_sample_b[..., :slots].square().sum(dim=(0, 1)).mul_(fisher_scale)
         fisher[FISHER_ROW_B, -1] = per_sample_b[..., -1].square().sum().mul_(fisher_scale)
         fisher[FISHER_ROW_COUNT, 0] = num_samples  # the trial A row's Fisher stays 0: its B column is zero
+        fisher[FISHER_ROW_COUNT, FISHER_COL_NONFINITE] = torch.isfinite(u_ext).all(dim=1).logical_not().sum()
     else:
         torch.mm(proj_grad.t(), xa, out=grad_a[:slots]).mul_(scale)
         grad_b[:, :slots] = (g.t() @ low_rank).mul_(scale)
@@ -147,7 +152,8 @@ def backward_reference(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tens
 def per_sample_gradients(g: torch.Tensor, x: torch.Tensor, proj_grad: torch.Tensor, low_rank: torch.Tensor,
                          trial_row: torch.Tensor, num_samples: int):
     """Per-sample gradients divided by s: P_i^T X_i of the live slots (N, slots, in) and G_i^T U_i of the
-    live slots plus the trial slot (N, out, slots + 1). Rows are split into `num_samples` equal segments.
+    live slots plus the trial slot (N, out, slots + 1), and U_ext = x A_ext^T (M, slots + 1). Rows are split
+    into `num_samples` equal segments.
 
     The trial slot has A row = trial_row and a zero B column: its U column is x trial_row, its P column and
     so its A-gradient are exactly zero (not computed).
@@ -161,4 +167,4 @@ def per_sample_gradients(g: torch.Tensor, x: torch.Tensor, proj_grad: torch.Tens
     per_sample_a = torch.bmm(proj_grad.reshape(num_samples, tokens, -1).transpose(1, 2), x_s)
     per_sample_b = torch.bmm(g.reshape(num_samples, tokens, -1).transpose(1, 2),
                              u_ext.reshape(num_samples, tokens, -1))
-    return per_sample_a, per_sample_b
+    return per_sample_a, per_sample_b, u_ext

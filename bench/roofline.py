@@ -1,0 +1,374 @@
+"""Roofline floors of the GPU benchmark cases: what no implementation of a provider can beat (KERNEL_NOTES 8).
+
+Each provider is written down as the kernels it launches, each with the FLOPs it must do and the fewest
+bytes it must move through HBM (every operand read once per kernel, every result written once). A kernel's
+floor is max(FLOPs / matrix rate, bytes / bandwidth); a provider's is the sum over its kernels. Launches
+are counted separately: with `launch_us` per launch the estimate becomes floor + launches x launch_us,
+which is what decides the small layers (text encoder: ~1 us of bytes, a few us per launch).
+
+Our kernels are counted from their real launch plan (kernels/configs.py: block tables, capacity class,
+chunking of the segment reduction), so a change of block size shows up here. The baselines are counted
+from the graphs the benchmarks run (bench_selora_linear.py, bench_fisher.py); peft's forward is the same
+5-kernel chain as `unfused` (dropout 0 is an Identity).
+
+Ceilings: measured on this workplace's machines (device/KINDS.md): H100 copy 3.0 TB/s (reads + writes),
+bf16 matrix product 798 TFLOP/s; H200 4.3 TB/s, 790 TFLOP/s. fp32: ~60 TFLOP/s on the SIMT units (IEEE,
+torch's default "highest" precision) and ~380 with TF32 (KERNEL_NOTES 8.5). Not measured here: no GPU has
+been lent to this project; these numbers are predictions, and a GPU run stores them beside its timings.
+
+    python -m bench.roofline            # the prediction table of bench/README.md (H100)
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+if __package__ in (None, ""):  # `python bench/roofline.py` and pytest's rootdir imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from selora_kernels.kernels import configs  # noqa: E402
+
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+LAUNCH_US = 3.0  # order of one eager launch (CUDA 2-5 us; Triton's Python launcher is not faster)
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    name: str
+    bandwidth: float  # bytes/s, reads + writes
+    half_flops: float  # bf16 / fp16 dense matrix products
+    tf32_flops: float
+    fp32_flops: float  # IEEE fp32 on the SIMT units
+    multiprocessors: int = 132
+
+    def matrix_rate(self, math_dtype: str, fp32_precision: str = "highest") -> float:
+        if math_dtype in ("bf16", "fp16"):
+            return self.half_flops
+        return self.fp32_flops if fp32_precision == "highest" else self.tf32_flops
+
+
+H100 = Ceilings("H100", 3.0e12, 798e12, 380e12, 60e12)
+H200 = Ceilings("H200", 4.3e12, 790e12, 380e12, 60e12)
+
+
+def ceilings_for(device_name: str) -> Ceilings:
+    return H200 if "H200" in device_name.upper() else H100
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    flops: float
+    bytes: float
+    math_dtype: str  # rate of the FLOPs: "bf16"/"fp16" tensor cores, "fp32" SIMT or TF32
+
+
+@dataclass
+class Estimate:
+    kernels: List[Kernel] = field(default_factory=list)
+
+    def __iadd__(self, kernels: List[Kernel]) -> "Estimate":
+        self.kernels.extend(kernels)
+        return self
+
+    def times_us(self, ceilings: Ceilings, fp32_precision: str = "highest") -> Tuple[float, float]:
+        """(memory-bound part, compute-bound part) of the floor, in microseconds."""
+        memory = compute = 0.0
+        for k in self.kernels:
+            t_mem = k.bytes / ceilings.bandwidth
+            t_flop = k.flops / ceilings.matrix_rate(k.math_dtype, fp32_precision)
+            if t_mem >= t_flop:
+                memory += t_mem
+            else:
+                compute += t_flop
+        return memory * 1e6, compute * 1e6
+
+    def summary(self, ceilings: Ceilings, fp32_precision: str = "highest", launch_us: float = LAUNCH_US) -> dict:
+        memory, compute = self.times_us(ceilings, fp32_precision)
+        floor = memory + compute
+        launches = len(self.kernels) * launch_us
+        bound = "launches" if launches > floor else ("memory" if memory >= compute else "compute")
+        return {"floor_us": floor, "launches": len(self.kernels), "estimate_us": floor + launches,
+                "bound": bound, "bytes": sum(k.bytes for k in self.kernels),
+                "flops": sum(k.flops for k in self.kernels)}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One benchmark case's layer: M rows (samples x tokens), widths, live rank, capacity, operand dtype."""
+
+    rows: int
+    d_in: int
+    d_out: int
+    rank: int
+    capacity: int
+    dtype: str
+    samples: int = 1
+
+    @property
+    def e(self) -> int:
+        return ELEMENT_BYTES[self.dtype]
+
+
+def gemm(name: str, m: int, k: int, n: int, e: int, math_dtype: str, out_e: Optional[int] = None) -> Kernel:
+    """(m x k) @ (k x n): both operands read once, the result written once."""
+    return Kernel(name, 2.0 * m * k * n, e * (m * k + k * n) + (out_e or e) * m * n, math_dtype)
+
+
+def linear(m: int, i: int, o: int, e: int, math_dtype: str) -> Kernel:
+    """F.linear with a bias: the GEMM with the bias added in its epilogue."""
+    k = gemm("linear", m, i, o, e, math_dtype)
+    return Kernel(k.name, k.flops, k.bytes + e * o, k.math_dtype)
+
+
+def elementwise(name: str, read: float, written: float, e: int, out_e: Optional[int] = None) -> Kernel:
+    return Kernel(name, 0.0, e * read + (out_e or e) * written, "fp32")
+
+
+# --- baselines ------------------------------------------------------------------------------------------
+
+def frozen(layer: Layer, mode: str) -> Estimate:
+    m, i, o, e, d = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype
+    est = Estimate([linear(m, i, o, e, d)])
+    if mode != "fwd":
+        est += [gemm("grad_x", m, o, i, e, d)]
+    return est
+
+
+def lora_chain(layer: Layer, mode: str) -> Estimate:
+    """`unfused` and peft: base GEMM, shrink, expand, scale, add; autograd's 7 backward kernels."""
+    m, i, o, r, e, d = layer.rows, layer.d_in, layer.d_out, layer.rank, layer.e, layer.dtype
+    est = Estimate([linear(m, i, o, e, d), gemm("shrink x A^T", m, i, r, e, d),
+                    gemm("expand U B^T", m, r, o, e, d), elementwise("scale", m * o, m * o, e),
+                    elementwise("add", 2 * m * o, m * o, e)])
+    if mode != "fwd":
+        est += [elementwise("scale backward", m * o, m * o, e), gemm("dU = dV B", m, o, r, e, d),
+                gemm("dB = dV^T U", o, m, r, e, d), gemm("dX_lora = dU A", m, r, i, e, d),
+                gemm("dA = dU^T X", r, m, i, e, d), gemm("dX_base = dY W0", m, o, i, e, d),
+                elementwise("dX sum", 2 * m * i, m * i, e)]
+    return est
+
+
+def merged_baseline(layer: Layer, mode: str) -> Estimate:
+    """`F.linear(x, W0 + s (B @ A), b0)` as the benchmark writes it: 3 weight kernels, then one GEMM."""
+    m, i, o, r, e, d = layer.rows, layer.d_in, layer.d_out, layer.rank, layer.e, layer.dtype
+    w = i * o
+    est = Estimate([gemm("B @ A", o, r, i, e, d), elementwise("scale", w, w, e), elementwise("W0 +", 2 * w, w, e),
+                    linear(m, i, o, e, d)])
+    if mode != "fwd":
+        est += [gemm("grad_x", m, o, i, e, d), gemm("dW = dY^T X", o, m, i, e, d),
+                elementwise("scale backward", w, w, e), gemm("dB = dW A^T", o, i, r, e, d),
+                gemm("dA = B^T dW", r, o, i, e, d)]
+    return est
+
+
+# --- ours -----------------------------------------------------------------------------------------------
+
+def ours_fused_forward(layer: Layer) -> List[Kernel]:
+    """One kernel: x read once, the R_PAD-wide rank dot recomputed per output-column tile (R_PAD / BN)."""
+    m, i, o, e, d = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype
+    r_pad = configs.r_pad_for(max(layer.capacity, 1))
+    tiles_n = math.ceil(o / configs.blocks_for("forward", d, m).block_n)
+    flops = 2.0 * m * i * o + 2.0 * m * i * r_pad * tiles_n + 2.0 * m * r_pad * o
+    moved = e * (m * i + i * o + r_pad * (i + o) + m * o + o)
+    return [Kernel("fused forward", flops, moved, d)]
+
+
+def ours_merged_forward(layer: Layer) -> List[Kernel]:
+    """ops/cuda_impl.merged_forward: one addmm W0 + s B A (fp32 accumulation, one rounding), one GEMM."""
+    m, i, o, r, e, d = layer.rows, layer.d_in, layer.d_out, layer.capacity, layer.e, layer.dtype
+    return [Kernel("addmm W0 + s B A", 2.0 * i * o * r, e * (2 * i * o + r * (i + o)), d),
+            linear(m, i, o, e, d)]
+
+
+def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 132) -> List[Kernel]:
+    """kernels/selora_linear_backward.py: grad_x (emits P), shrink (U), 2 segment reductions, 2 finalizes."""
+    m, i, o, e, d = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype
+    r_pad = configs.r_pad_for(layer.capacity + 1 if measuring else max(layer.capacity, 1))
+    segments = layer.samples if measuring else 1
+    tiles_in = math.ceil(i / configs.blocks_for("grad_x", d, m).block_n)
+    # the statistics: a zero fill when not measuring, written whole by the collect kernel when measuring
+    kernels = [] if measuring else [elementwise("fisher zeros", 0, 3 * (layer.capacity + 1), 4)]
+    kernels += [
+        Kernel("grad_x (emits P)", 2.0 * m * o * i + 2.0 * m * o * r_pad * tiles_in + 2.0 * m * r_pad * i,
+               e * (m * o + o * i + r_pad * (i + o) + m * i) + 4 * m * r_pad, d),
+        Kernel("shrink U = x A_ext^T", 2.0 * m * i * r_pad, e * (m * i + r_pad * i) + 4 * m * r_pad, d),
+    ]
+    blocks = configs.blocks_for("segment_reduce", d)
+    for grad, depth in (("dA", i), ("dB", o)):
+        chunks, _ = configs.segment_chunks(m // segments, segments, depth, blocks, 2 * multiprocessors)
+        partials = segments * chunks * r_pad * depth
+        kernels += [Kernel(f"segment reduce {grad}", 2.0 * m * r_pad * depth,
+                           4 * m * r_pad + e * m * depth + 4 * partials, d),
+                    elementwise(f"finalize {grad}", 4 * partials, r_pad * depth, 4, e)]
+    if measuring:  # _fisher_collect_kernel: per-tile sums of both reductions into the statistics
+        tiles = sum(math.ceil(depth / configs.blocks_for("finalize", d).block_n) for depth in (i, o))
+        kernels += [elementwise("fisher collect", tiles * r_pad, 3 * (layer.capacity + 1), 4)]
+    return kernels
+
+
+def ours(layer: Layer, mode: str, forward_path: str, measuring: bool = False,
+         multiprocessors: int = 132) -> Estimate:
+    est = Estimate(ours_fused_forward(layer) if forward_path == "fused" else ours_merged_forward(layer))
+    if mode != "fwd":
+        est += ours_fused_backward(layer, measuring, multiprocessors)
+    return est
+
+
+def dispatched_forward_path(layer: Layer) -> str:
+    """What ops/cuda_impl.choose_forward_path picks for this layer (the rules are pure: no GPU needed)."""
+    from selora_kernels.ops.cuda_impl import choose_forward_path
+
+    import torch
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[layer.dtype]
+    path = choose_forward_path(layer.rows, layer.d_in, layer.d_out, layer.capacity, dtype, True)
+    return "fused" if path == "reference" else path  # without triton the rules say reference: model fused
+
+
+# --- Fisher baselines (bench_fisher.py: the Fisher alone, given x and dY) -------------------------------
+
+def vmap_fisher(layer: Layer) -> Estimate:
+    """torch.func vmap(grad(<y_i, dY_i>)) over samples w.r.t. (A_ext, B_ext): forward, then the LoRA grads."""
+    m, i, o, e, d, n = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype, layer.samples
+    r = layer.rank + 1
+    casts = [elementwise("y.float()", m * o, m * o, e, 4), elementwise("dY.float()", m * o, m * o, e, 4)] \
+        if d != "fp32" else []
+    est = Estimate([linear(m, i, o, e, d), gemm("shrink", m, i, r, e, d), gemm("expand", m, r, o, e, d),
+                    elementwise("scale", m * o, m * o, e), elementwise("add", 2 * m * o, m * o, e)] + casts
+                   + [elementwise("y * dY", 2 * m * o, m * o, 4), elementwise("sum", m * o, 0, 4),
+                      elementwise("grad of the product", m * o, m * o, 4)])
+    if d != "fp32":
+        est += [elementwise("grad to dtype", m * o, m * o, 4, e)]
+    est += [elementwise("scale backward", m * o, m * o, e),
+            Kernel("dB_i = dV_i^T U_i", 2.0 * m * o * r, e * (m * o + m * r + n * o * r), d),
+            gemm("dU = dV B", m, o, r, e, d),
+            Kernel("dA_i = dU_i^T X_i", 2.0 * m * r * i, e * (m * r + m * i + n * r * i), d),
+            elementwise("squares and sums", 2 * n * r * (i + o), 2 * r, 4)]
+    return est
+
+
+def bmm_fisher(layer: Layer) -> Estimate:
+    """P = dY B, U = x A^T, per-sample bmm, squares: in fp32 (the benchmark casts to float first)."""
+    m, i, o, e, d, n = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype, layer.samples
+    r = layer.rank + 1
+    est = Estimate([elementwise("x.float()", m * i, m * i, e, 4), elementwise("dY.float()", m * o, m * o, e, 4)]
+                   if d != "fp32" else [])
+    est += [gemm("P = dY B", m, o, r, 4, "fp32"), gemm("U = x A^T", m, i, r, 4, "fp32"),
+            Kernel("bmm P_i^T X_i", 2.0 * m * r * i, 4 * (m * r + m * i + n * r * i), "fp32"),
+            Kernel("bmm dY_i^T U_i", 2.0 * m * r * o, 4 * (m * r + m * o + n * r * o), "fp32"),
+            elementwise("squares and sums", 2 * n * r * (i + o), 2 * r, 4)]
+    return est
+
+
+# --- per benchmark case ---------------------------------------------------------------------------------
+
+def _layer(params: dict) -> Layer:
+    shape = params["shape"]
+    return Layer(rows=shape["batch"] * shape["tokens"], d_in=shape["d_in"], d_out=shape["d_out"],
+                 rank=params["rank"], capacity=params["capacity"], dtype=params["dtype"], samples=shape["batch"])
+
+
+def linear_case(params: dict, ceilings: Ceilings, fp32_precision: str = "highest",
+                launch_us: float = LAUNCH_US) -> dict:
+    """Floors of every provider of a bench_selora_linear case, and the predicted value of its targets."""
+    layer, mode = _layer(params), params["mode"]
+    path = dispatched_forward_path(layer)
+    providers = {"ours": ours(layer, mode, path, multiprocessors=ceilings.multiprocessors),
+                 "ours_fused": ours(layer, mode, "fused", multiprocessors=ceilings.multiprocessors),
+                 "ours_merged": ours(layer, mode, "merged", multiprocessors=ceilings.multiprocessors),
+                 "frozen": frozen(layer, mode), "unfused": lora_chain(layer, mode), "peft": lora_chain(layer, mode),
+                 "merged": merged_baseline(layer, mode)}
+    out = {name: est.summary(ceilings, fp32_precision, launch_us) for name, est in providers.items()}
+    t = {name: s["estimate_us"] for name, s in out.items()}
+    predicted = {}
+    if mode == "fwd":
+        predicted["fwd_within_1.15x_of_frozen"] = t["ours"] / t["frozen"]
+        if params["shape"]["name"].startswith("unet64") and params["rank"] <= 16:
+            predicted["fwd_2x_faster_than_peft_at_64x64"] = t["peft"] / t["ours"]
+    return {"ceilings": ceilings.name, "fp32_precision": fp32_precision, "launch_us": launch_us,
+            "forward_path": path, "providers": out, "predicted_targets": predicted}
+
+
+def fisher_case(params: dict, ceilings: Ceilings, fp32_precision: str = "highest",
+                launch_us: float = LAUNCH_US) -> dict:
+    """Floors of a bench_fisher case: ours with and without measuring, vmap and bmm Fisher."""
+    layer = _layer(params)
+    path = dispatched_forward_path(layer)
+    sms = ceilings.multiprocessors
+    providers = {"ours_fisher": ours(layer, "fwd_bwd", path, True, sms),
+                 "ours_no_fisher": ours(layer, "fwd_bwd", path, False, sms),
+                 "vmap_fisher": vmap_fisher(layer), "bmm_fisher": bmm_fisher(layer)}
+    out = {name: est.summary(ceilings, fp32_precision, launch_us) for name, est in providers.items()}
+    t = {name: s["estimate_us"] for name, s in out.items()}
+    increment = t["ours_fisher"] - t["ours_no_fisher"]
+    return {"ceilings": ceilings.name, "fp32_precision": fp32_precision, "launch_us": launch_us,
+            "forward_path": path, "providers": out, "increment_us": increment,
+            "predicted_targets": {
+                "fwd_bwd_with_fisher_within_1.10x_without": t["ours_fisher"] / t["ours_no_fisher"],
+                "fisher_increment_20x_smaller_than_vmap": t["vmap_fisher"] / increment if increment > 0 else math.inf}}
+
+
+def case_estimate(op: str, params: dict, device_name: str, fp32_precision: str = "highest") -> Optional[dict]:
+    """The roofline record stored with a GPU case (None for ops without a model)."""
+    ceilings = ceilings_for(device_name)
+    if op == "selora_linear":
+        return linear_case(params, ceilings, fp32_precision)
+    if op == "fisher":
+        return fisher_case(params, ceilings, fp32_precision)
+    return None
+
+
+# --- the README table -----------------------------------------------------------------------------------
+
+def _gpu_params():
+    from sd_shapes import GPU_SHAPES  # noqa: WPS433 (bench/ is on sys.path under pytest and below)
+
+    for shape in GPU_SHAPES:
+        for dtype, ranks in (("bf16", (1, 4, 16)), ("fp32", (4,))):
+            for rank in ranks:
+                capacity = configs_capacity(rank)
+                yield shape, rank, capacity, dtype
+
+
+def configs_capacity(rank: int) -> int:
+    """The capacity a module at `rank` has after growing from rank 1 along the default chain."""
+    from selora_kernels.config import default_capacity, next_capacity
+
+    capacity = default_capacity(1)
+    while capacity < rank:
+        capacity = next_capacity(capacity)
+    return capacity
+
+
+def prediction_table(ceilings: Ceilings = H100, launch_us: float = LAUNCH_US) -> str:
+    rows = ["| layer | r | dtype | fwd path | fwd / frozen | peft fwd / ours | fwd+bwd: ours / frozen | "
+            "peft / ours | Fisher: with / without | vmap / increment | bound (ours fwd, fwd+bwd) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for shape, rank, capacity, dtype in _gpu_params():
+        params = {"shape": shape._asdict(), "rank": rank, "capacity": capacity, "dtype": dtype}
+        fwd = linear_case({**params, "mode": "fwd"}, ceilings, launch_us=launch_us)
+        both = linear_case({**params, "mode": "fwd_bwd"}, ceilings, launch_us=launch_us)
+        fisher = fisher_case(params, ceilings, launch_us=launch_us)
+
+        def ratio(case, a, b):
+            return case["providers"][a]["estimate_us"] / case["providers"][b]["estimate_us"]
+
+        f = fisher["predicted_targets"]
+        rows.append(
+            f"| {shape.name} {shape.batch}x{shape.tokens} | {rank} | {dtype} | {fwd['forward_path']} | "
+            f"{ratio(fwd, 'ours', 'frozen'):.2f} | {ratio(fwd, 'peft', 'ours'):.1f} | "
+            f"{ratio(both, 'ours', 'frozen'):.2f} | {ratio(both, 'peft', 'ours'):.1f} | "
+            f"{f['fwd_bwd_with_fisher_within_1.10x_without']:.2f} | "
+            f"{f['fisher_increment_20x_smaller_than_vmap']:.1f} | "
+            f"{fwd['providers']['ours']['bound']}, {both['providers']['ours']['bound']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    for launch in (0.0, LAUNCH_US):
+        print(f"\nH100, {launch:g} us per launch\n")
+        print(prediction_table(H100, launch))
