@@ -170,6 +170,27 @@ def test_non_finite_step_is_skipped_and_retried():
     assert not controller.is_due(6)
 
 
+def test_non_finite_input_raises_at_the_decision_unless_the_scaler_skipped_the_step():
+    (x, y), = batches(1)
+    x = x.clone()
+    x[2, 1] = float("nan")  # bad data reaching the first layer (and, through it, the second)
+    model = toy_model()
+    controller = ExpansionController(model, None, SeLoRAConfig(threshold=1.0, interval=1))
+    controller.before_forward(0)
+    F.mse_loss(model(x), y).backward()  # no check in the forward (no host sync per layer)
+    with pytest.raises(ValueError, match=r"toy\.0 \(1 input rows\), toy\.2 \(1 input rows\)"):
+        controller.after_step(0)
+    assert not any(m.measuring for m in controller.module_list)  # left consistent
+    # the same inputs under a GradScaler that skipped the step: an fp16 overflow, retried next step
+    scaler = StubScaler(1024.0)
+    model = toy_model()
+    controller = ExpansionController(model, None, SeLoRAConfig(threshold=1.0, interval=1), grad_scaler=scaler)
+    controller.before_forward(0)
+    F.mse_loss(model(x), y).backward()
+    scaler.scale = 512.0  # GradScaler.update() halves the scale when it skipped the step
+    assert controller.after_step(0) == [] and controller.is_due(1)
+
+
 def test_reference_code_mode_reproduces_the_released_rule():
     model = toy_model(width=5)
     config = SeLoRAConfig(trial="reference_code", threshold=1e9, interval=1)

@@ -24,6 +24,8 @@ Modes (config.trial):
 
 AMP: pass the GradScaler (accelerate: `accelerator.scaler`): Fisher is divided by scale^2 and a step whose
 statistics or gradients are not finite is not decided (the test moves to the next step).
+Inputs holding inf/NaN while measuring raise ValueError at the decision (after_step), naming the modules,
+unless the GradScaler skipped that step (then they are an fp16 overflow and the test moves on).
 """
 from __future__ import annotations
 
@@ -200,12 +202,16 @@ class ExpansionController:
         modules = self.module_list
         scale = self._scale_at_measure or 1.0
         fisher_scale = (self.gradient_accumulation_steps / scale) ** 2
-        scores = batched_fisher_scores(modules, reduce=all_reduce_sum_ if is_distributed() else None,
-                                       fisher_scale=fisher_scale)
-        for module in modules:
-            module.stop_measuring()
-        if not all(math.isfinite(s.original) and math.isfinite(s.expanded) for s in scores) \
-                or self._step_was_skipped():
+        # An fp16 forward that overflowed feeds inf to later layers: with the GradScaler skipping the step,
+        # that is an overflow to retry, not bad data to raise on.
+        overflowed = self._step_was_skipped()
+        try:
+            scores = batched_fisher_scores(modules, reduce=all_reduce_sum_ if is_distributed() else None,
+                                           fisher_scale=fisher_scale, check_inputs=not overflowed)
+        finally:
+            for module in modules:
+                module.stop_measuring()
+        if not all(math.isfinite(s.original) and math.isfinite(s.expanded) for s in scores) or overflowed:
             logger.warning("step %d: non-finite Fisher statistics (AMP overflow?): expansion test moved to the "
                            "next step", step)
             return None
