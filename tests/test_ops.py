@@ -1,6 +1,8 @@
 """torch.library registration of the SeLoRA ops: opcheck, and torch.compile across a growth."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -56,3 +58,26 @@ def test_compiled_training_step_survives_growth_without_recompiling():
     assert module.rank == 4
     assert counter.frame_count == 1  # one compilation, no recompilation after the growths
     torch.testing.assert_close(compiled(x), module(x))
+
+
+def test_measuring_step_compiles_as_one_graph_and_matches_eager():
+    """Measuring adds no data-dependent Python (the non-finite check lives in the backward's statistics), so
+    a measuring forward+backward traces with fullgraph=True and accumulates the eager statistics."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = SeLoRALinear(8, 6, r_init=2, capacity=4)
+    with torch.no_grad():
+        module.lora_B[:, :2].normal_()
+    eager = copy.deepcopy(module)
+    x = torch.randn(3, 5, 8)
+    x[1, 2, 3] = float("inf")
+    for m in (module, eager):
+        m.start_measuring()
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    compiled(x).nan_to_num().square().mean().backward()
+    eager(x).nan_to_num().square().mean().backward()
+    stats, expected = module.fisher_statistics(), eager.fisher_statistics()
+    assert stats[2, 0] == 3 and stats[2, 1] == 1  # three samples, one input row holding inf
+    torch.testing.assert_close(stats, expected, equal_nan=True)
+    with pytest.raises(ValueError, match="1 input rows"):
+        module.fisher_scores()
