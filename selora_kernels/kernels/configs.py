@@ -122,12 +122,12 @@ def blocks_for(kernel: str, dtype: str, rows: int = 0) -> Blocks:
     raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(KERNELS)}")
 
 
-def segment_chunks(segment_rows: int, segments: int, depth: int, blocks: Blocks,
+def segment_chunks(segment_rows: int, segments: int, column_tiles: int, blocks: Blocks,
                    target_programs: int) -> Tuple[int, int]:
-    """(chunks per sample, rows per chunk) of the segment reduction: about `target_programs` programs in
-    all (two waves on a GPU), chunk boundaries on BLOCK_T multiples, never a chunk across samples."""
-    tiles_n = -(-depth // blocks.block_n)
-    chunks = max(1, min(-(-segment_rows // blocks.block_k), -(-target_programs // (segments * tiles_n))))
+    """(chunks per sample, rows per chunk) of the segment reduction over `column_tiles` column tiles (dA's
+    and dB's together): about `target_programs` programs in all (two waves on a GPU), chunk boundaries on
+    BLOCK_T multiples, never a chunk across samples."""
+    chunks = max(1, min(-(-segment_rows // blocks.block_k), -(-target_programs // (segments * column_tiles))))
     chunk_rows = -(-(-(-segment_rows // chunks)) // blocks.block_k) * blocks.block_k
     return -(-segment_rows // chunk_rows), chunk_rows
 

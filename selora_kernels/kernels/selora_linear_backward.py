@@ -13,10 +13,12 @@ Launches (all deterministic: fixed-order reductions, no atomics):
   1. grad_x: the forward kernel mirrored (selora_linear_forward.py) emits P; without grad_x, `_shrink_kernel`
      computes P = dy B instead.
   2. `_shrink_kernel`: U = x A_ext^T, where A_ext appends the trial row as slot `capacity` while measuring.
-  3. `_segment_reduce_kernel` twice ((P, x) -> dA, (U, dy) -> dB): the token reduction is split at sample
-     boundaries and further into chunks inside a sample, each chunk writing an fp32 partial R_PAD x D.
-  4. `_finalize_kernel` twice: per D tile, sums each sample's chunk partials in order (the per-sample
-     gradient), adds it into the gradient and, when FISHER, squares (c g_i)^2 into an fp32 per-slot sum.
+  3. `_segment_reduce_kernel`, one launch for both (P, x) -> dA and (U, dy) -> dB (axis 1 runs over the
+     column tiles of both): the token reduction is split at sample boundaries and further into chunks
+     inside a sample, each chunk writing an fp32 partial R_PAD x D.
+  4. `_finalize_kernel`, one launch for both: per D tile, sums each sample's chunk partials in order (the
+     per-sample gradient), adds it into the gradient and, when FISHER, squares (c g_i)^2 into an fp32
+     per-slot sum.
   5. While measuring, `_fisher_collect_kernel` sums the per-tile Fisher sums in tile order and the shrink
      programs' counts of non-finite input rows, and writes the whole (3, capacity + 1) statistics tensor. One launch instead of five small torch ops: measuring then
      costs the same number of launches as not measuring (the zero fill of the statistics is skipped), which
@@ -75,19 +77,12 @@ def _shrink_kernel(x_ptr, slot_rows_ptr, trial_row_ptr, live_rank_ptr, out_ptr, 
 
 
 @triton.jit
-def _segment_reduce_kernel(low_rank_ptr, x_ptr, partial_ptr,
-                           segment_rows, chunk_rows, chunks, depth,
-                           stride_xm, stride_xd,
-                           R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr):
-    # partial[i * chunks + c, k, n] = sum over the tokens t of chunk c of sample i of L[t, k] X[t, n]
-    pid_chunk = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    segment = pid_chunk // chunks
-    start = segment * segment_rows + (pid_chunk % chunks) * chunk_rows
-    end = tl.minimum(start + chunk_rows, (segment + 1) * segment_rows)
+def _reduce_chunk_tile(low_rank_ptr, x_ptr, partial_ptr, start, end, pid_chunk, tile, depth, stride_xm, stride_xd,
+                       R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    # partial[pid_chunk, k, n] = sum over the tokens t in [start, end) of L[t, k] X[t, n], n in column tile
     offs_t = tl.arange(0, BLOCK_T)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     slots = tl.arange(0, R_PAD)
     col_ok = offs_n < depth
     acc = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
@@ -105,13 +100,32 @@ def _segment_reduce_kernel(low_rank_ptr, x_ptr, partial_ptr,
 
 
 @triton.jit
-def _finalize_kernel(partial_ptr, grad_ptr, fisher_ptr,
-                     segments, chunks, depth, capacity, scale, fisher_factor,
-                     stride_gr, stride_gd,
-                     FISHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+def _segment_reduce_kernel(p_ptr, x_ptr, partial_a_ptr, u_ptr, dy_ptr, partial_b_ptr,
+                           segment_rows, chunk_rows, chunks, depth_a, depth_b, tiles_a,
+                           stride_xm, stride_xd, stride_ym, stride_yd,
+                           R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
+    # Both reductions in one launch: axis 1 runs over the column tiles of P^T x (dA, `tiles_a` of them),
+    # then over those of U^T dY (dB transposed). Axis 0: chunk c of sample i (chunks never cross samples).
+    pid_chunk = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    segment = pid_chunk // chunks
+    start = segment * segment_rows + (pid_chunk % chunks) * chunk_rows
+    end = tl.minimum(start + chunk_rows, (segment + 1) * segment_rows)
+    if pid_n < tiles_a:
+        _reduce_chunk_tile(p_ptr, x_ptr, partial_a_ptr, start, end, pid_chunk, pid_n, depth_a,
+                           stride_xm, stride_xd, R_PAD, BLOCK_N, BLOCK_T, DOT_PRECISION)
+    else:
+        _reduce_chunk_tile(u_ptr, dy_ptr, partial_b_ptr, start, end, pid_chunk, pid_n - tiles_a, depth_b,
+                           stride_ym, stride_yd, R_PAD, BLOCK_N, BLOCK_T, DOT_PRECISION)
+
+
+@triton.jit
+def _finalize_tile(partial_ptr, grad_ptr, fisher_ptr, tile, fisher_tile, segments, chunks, depth, capacity,
+                   scale, fisher_factor, stride_gr, stride_gd,
+                   FISHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
     # g_i = sum_c partial[i, c] (sample i's gradient / s); grad = s sum_i g_i; fisher[k] = sum_i sum_n (c g_i)^2
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     slots = tl.arange(0, R_PAD)
     col_ok = offs_n < depth
     tile_offsets = slots[:, None] * depth + offs_n[None, :]
@@ -130,7 +144,23 @@ def _finalize_kernel(partial_ptr, grad_ptr, fisher_ptr,
     tl.store(grad_ptrs, (grad * scale).to(grad_ptr.dtype.element_ty),
              mask=(slots < capacity)[:, None] & col_ok[None, :])
     if FISHER:
-        tl.store(fisher_ptr + pid * R_PAD + slots, tl.sum(fisher, axis=1))
+        tl.store(fisher_ptr + fisher_tile * R_PAD + slots, tl.sum(fisher, axis=1))
+
+
+@triton.jit
+def _finalize_kernel(partial_a_ptr, grad_a_ptr, partial_b_ptr, grad_b_ptr, fisher_ptr,
+                     tiles_a, segments, chunks, depth_a, depth_b, capacity, scale, fisher_factor,
+                     stride_gar, stride_gad, stride_gbr, stride_gbd,
+                     FISHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One launch for dA (the first `tiles_a` programs) and dB (written through its transpose's strides);
+    # the per-tile Fisher sums land in one (tiles_a + tiles_b) x R_PAD buffer, dA's tiles first.
+    pid = tl.program_id(0)
+    if pid < tiles_a:
+        _finalize_tile(partial_a_ptr, grad_a_ptr, fisher_ptr, pid, pid, segments, chunks, depth_a, capacity,
+                       scale, fisher_factor, stride_gar, stride_gad, FISHER, R_PAD, BLOCK_N)
+    else:
+        _finalize_tile(partial_b_ptr, grad_b_ptr, fisher_ptr, pid - tiles_a, pid, segments, chunks, depth_b,
+                       capacity, scale, fisher_factor, stride_gbr, stride_gbd, FISHER, R_PAD, BLOCK_N)
 
 
 @triton.jit
@@ -184,29 +214,36 @@ def _shrink(x, slot_rows, slot_strides, trial_row, live_rank, out, capacity, r_p
     return nonfinite if trial_row is not None else None
 
 
-def _reduce(low_rank, x, grad, grad_strides, capacity, r_pad, scale, segments, fisher_factor, measuring):
-    """grad (written in place through grad_strides) = s L^T X; returns the per-tile Fisher sums or None."""
-    rows, depth = x.shape
+def _reduce(proj_grad, x, low_rank, grad_y, grad_a, grad_b, capacity, r_pad, scale, segments, fisher_factor,
+            measuring):
+    """grad_a = s P^T x and grad_b = s dY^T U, each reduction split at sample boundaries: one launch of
+    `_segment_reduce_kernel` and one of `_finalize_kernel` for both. Returns the per-tile Fisher sums of
+    dA and dB (two views of one buffer) or None."""
+    rows, depth_a = x.shape
+    depth_b = grad_y.shape[1]
     name = dtype_name(x.dtype)
     blocks = configs.blocks_for("segment_reduce", name)
     segment_rows = rows // segments
-    tiles_n = triton.cdiv(depth, blocks.block_n)
-    chunks, chunk_rows = configs.segment_chunks(segment_rows, segments, depth, blocks,
+    tiles_a, tiles_b = triton.cdiv(depth_a, blocks.block_n), triton.cdiv(depth_b, blocks.block_n)
+    chunks, chunk_rows = configs.segment_chunks(segment_rows, segments, tiles_a + tiles_b, blocks,
                                                 _target_programs(x.device))
-    partial = torch.empty(segments * chunks, r_pad, depth, dtype=torch.float32, device=x.device)
-    _segment_reduce_kernel[(segments * chunks, tiles_n)](
-        low_rank, x, partial, segment_rows, chunk_rows, chunks, depth, x.stride(0), x.stride(1),
+    partial_a = torch.empty(segments * chunks, r_pad, depth_a, dtype=torch.float32, device=x.device)
+    partial_b = torch.empty(segments * chunks, r_pad, depth_b, dtype=torch.float32, device=x.device)
+    _segment_reduce_kernel[(segments * chunks, tiles_a + tiles_b)](
+        proj_grad, x, partial_a, low_rank, grad_y, partial_b, segment_rows, chunk_rows, chunks, depth_a, depth_b,
+        tiles_a, x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
         R_PAD=r_pad, BLOCK_N=blocks.block_n, BLOCK_T=blocks.block_k,
         DOT_PRECISION=current_dot_precision(x.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     final = configs.blocks_for("finalize", name)
-    final_tiles = triton.cdiv(depth, final.block_n)
-    fisher_tiles = torch.empty(final_tiles, r_pad, dtype=torch.float32, device=x.device) if measuring else None
-    _finalize_kernel[(final_tiles,)](
-        partial, grad, fisher_tiles if measuring else partial, segments, chunks, depth, capacity, float(scale),
-        float(fisher_factor), grad_strides[0], grad_strides[1],
+    final_a, final_b = triton.cdiv(depth_a, final.block_n), triton.cdiv(depth_b, final.block_n)
+    fisher_tiles = (torch.empty(final_a + final_b, r_pad, dtype=torch.float32, device=x.device) if measuring
+                    else partial_a)
+    _finalize_kernel[(final_a + final_b,)](
+        partial_a, grad_a, partial_b, grad_b, fisher_tiles, final_a, segments, chunks, depth_a, depth_b, capacity,
+        float(scale), float(fisher_factor), grad_a.stride(0), grad_a.stride(1), grad_b.stride(1), grad_b.stride(0),
         FISHER=measuring, R_PAD=r_pad, BLOCK_N=final.block_n, num_warps=final.num_warps,
         num_stages=final.num_stages)
-    return fisher_tiles
+    return (fisher_tiles[:final_a], fisher_tiles[final_a:]) if measuring else None
 
 
 def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale: float,
@@ -255,11 +292,10 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
 
     segments = num_samples if measuring else 1
     fisher_factor = scale * per_sample_multiplier
-    fisher_a = _reduce(proj_grad, x, grad_a, (grad_a.stride(0), grad_a.stride(1)), capacity, r_pad, scale,
-                       segments, fisher_factor, measuring)
-    fisher_b = _reduce(low_rank, grad_y, grad_b, (grad_b.stride(1), grad_b.stride(0)), capacity, r_pad, scale,
-                       segments, fisher_factor, measuring)
+    fisher_tiles = _reduce(proj_grad, x, low_rank, grad_y, grad_a, grad_b, capacity, r_pad, scale, segments,
+                           fisher_factor, measuring)
     if measuring:
+        fisher_a, fisher_b = fisher_tiles
         collect = configs.blocks_for("fisher_collect", "fp32")
         _fisher_collect_kernel[(1,)](fisher_a, fisher_b, nonfinite, fisher, fisher_a.shape[0], fisher_b.shape[0],
                                      nonfinite.shape[0], capacity + 1, float(num_samples), R_PAD=r_pad,
@@ -286,14 +322,16 @@ def aot_spec(config: configs.LaunchConfig):
     elif config.kernel == "segment_reduce":
         fn = _segment_reduce_kernel
         constexprs = dict(R_PAD=config.r_pad, BLOCK_N=b.block_n, BLOCK_T=b.block_k, DOT_PRECISION=precision,
-                          stride_xd=1)
-        pointers = {"low_rank_ptr": "fp32", "x_ptr": dtype, "partial_ptr": "fp32"}
+                          stride_xd=1, stride_yd=1)
+        pointers = {"p_ptr": "fp32", "x_ptr": dtype, "partial_a_ptr": "fp32", "u_ptr": "fp32", "dy_ptr": dtype,
+                    "partial_b_ptr": "fp32"}
         floats = ()
     elif config.kernel == "finalize":
         fn = _finalize_kernel
-        # grad_a is written row-major, grad_b through its transpose: leave both strides unspecialised
+        # grad_a is written row-major, grad_b through its transpose: leave the strides unspecialised
         constexprs = dict(FISHER=bool(flags["FISHER"]), R_PAD=config.r_pad, BLOCK_N=b.block_n)
-        pointers = {"partial_ptr": "fp32", "grad_ptr": dtype, "fisher_ptr": "fp32"}
+        pointers = {"partial_a_ptr": "fp32", "grad_a_ptr": dtype, "partial_b_ptr": "fp32", "grad_b_ptr": dtype,
+                    "fisher_ptr": "fp32"}
         floats = ("scale", "fisher_factor")
     elif config.kernel == "fisher_collect":
         fn = _fisher_collect_kernel
@@ -302,6 +340,7 @@ def aot_spec(config: configs.LaunchConfig):
         floats = ("sample_count",)
     else:
         raise KeyError(f"{config.kernel!r} is not a backward kernel")
-    not_divisible = ("stride_sd", "stride_gr", "stride_gd")  # B's column stride is the capacity (e.g. 15)
+    # B's column stride is the capacity (e.g. 15)
+    not_divisible = ("stride_sd", "stride_gar", "stride_gad", "stride_gbr", "stride_gbd")
     signature, attrs = configs.aot_signature(fn.arg_names, pointers, constexprs, floats, not_divisible)
     return fn, signature, constexprs, attrs
