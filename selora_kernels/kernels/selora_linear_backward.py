@@ -147,20 +147,24 @@ def _finalize_tile(partial_ptr, grad_ptr, fisher_ptr, tile, fisher_tile, segment
         tl.store(fisher_ptr + fisher_tile * R_PAD + slots, tl.sum(fisher, axis=1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_gar", "stride_gad", "stride_gbr", "stride_gbd"])
 def _finalize_kernel(partial_a_ptr, grad_a_ptr, partial_b_ptr, grad_b_ptr, fisher_ptr,
                      tiles_a, segments, chunks, depth_a, depth_b, capacity, scale, fisher_factor,
                      stride_gar, stride_gad, stride_gbr, stride_gbd,
                      FISHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
     # One launch for dA (the first `tiles_a` programs) and dB (written through its transpose's strides);
-    # the per-tile Fisher sums land in one (tiles_a + tiles_b) x R_PAD buffer, dA's tiles first.
+    # the per-tile Fisher sums land in one (tiles_a + tiles_b) x R_PAD buffer, dA's tiles first. One call
+    # site with selected operands (two would be compiled twice); the gradient strides stay runtime values
+    # so both branches yield the same types (they only address the final R_PAD x BLOCK_N store).
     pid = tl.program_id(0)
     if pid < tiles_a:
-        _finalize_tile(partial_a_ptr, grad_a_ptr, fisher_ptr, pid, pid, segments, chunks, depth_a, capacity,
-                       scale, fisher_factor, stride_gar, stride_gad, FISHER, R_PAD, BLOCK_N)
+        partial_ptr, grad_ptr, tile, depth, stride_gr, stride_gd = (partial_a_ptr, grad_a_ptr, pid, depth_a,
+                                                                    stride_gar, stride_gad)
     else:
-        _finalize_tile(partial_b_ptr, grad_b_ptr, fisher_ptr, pid - tiles_a, pid, segments, chunks, depth_b,
-                       capacity, scale, fisher_factor, stride_gbr, stride_gbd, FISHER, R_PAD, BLOCK_N)
+        partial_ptr, grad_ptr, tile, depth, stride_gr, stride_gd = (partial_b_ptr, grad_b_ptr, pid - tiles_a,
+                                                                    depth_b, stride_gbr, stride_gbd)
+    _finalize_tile(partial_ptr, grad_ptr, fisher_ptr, tile, pid, segments, chunks, depth, capacity, scale,
+                   fisher_factor, stride_gr, stride_gd, FISHER, R_PAD, BLOCK_N)
 
 
 @triton.jit
