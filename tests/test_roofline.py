@@ -78,12 +78,13 @@ class _CountDeviceOps(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.ops = []
+        self.ops, self.allocations = [], 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name not in _NOT_LAUNCHES:
             self.ops.append(name)
+        self.allocations += name in ("empty", "zeros", "new_empty")
         return func(*args, **(kwargs or {}))
 
 
@@ -107,7 +108,7 @@ def _count_launches(monkeypatch, fn, *args):
                 monkeypatch.setattr(module, name, _CountingKernel(name, launches))
     with _CountDeviceOps() as counter:
         fn(*args)
-    return launches, counter.ops
+    return launches, counter.ops, counter.allocations
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="the launchers import triton")
@@ -121,9 +122,10 @@ def test_backward_model_counts_the_launches_the_launcher_makes(monkeypatch, meas
             torch.zeros(layer.d_out, layer.d_in, **t), torch.zeros(layer.capacity, layer.d_in, **t),
             torch.zeros(layer.d_out, layer.capacity, **t), torch.zeros(layer.d_in, **t),
             torch.tensor(layer.rank), 0.5, layer.samples, 4.0, measuring, True)
-    kernels, ops = _count_launches(monkeypatch, selora_linear_backward_triton, *args)
+    kernels, ops, allocations = _count_launches(monkeypatch, selora_linear_backward_triton, *args)
     modelled = roofline.ours_fused_backward(layer, measuring)
     assert len(kernels) + len(ops) == len(modelled), (kernels, ops, [k.name for k in modelled])
+    assert allocations == 5  # the four outputs and one workspace for every fp32 scratch buffer
     # measuring costs no launch of its own: the statistics' zero fill is replaced by the collect kernel
     assert ops == ([] if measuring else ["zeros"])
     assert ("_fisher_collect_kernel" in kernels) == measuring
@@ -134,7 +136,7 @@ def test_forward_model_counts_one_launch(monkeypatch):
     from selora_kernels.kernels.selora_linear_forward import selora_linear_forward_triton
 
     t = dict(dtype=torch.bfloat16)
-    kernels, ops = _count_launches(monkeypatch, selora_linear_forward_triton, torch.zeros(64, 32, **t),
+    kernels, ops, _ = _count_launches(monkeypatch, selora_linear_forward_triton, torch.zeros(64, 32, **t),
                                    torch.zeros(24, 32, **t), torch.zeros(24, **t), torch.zeros(15, 32, **t),
                                    torch.zeros(24, 15, **t), 0.5)
     assert kernels == ["_fused_lowrank_matmul_kernel"] and ops == []
