@@ -185,8 +185,8 @@ def ours_merged_forward(layer: Layer) -> List[Kernel]:
 
 
 def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 132) -> List[Kernel]:
-    """kernels/selora_linear_backward.py: grad_x (emits P), shrink (U), one segment reduction and one
-    finalize for dA and dB together, and the Fisher collect while measuring."""
+    """kernels/selora_linear_backward.py: grad_x (emits P), shrink (U), a segment reduction and a finalize
+    for each of dA and dB, and the Fisher collect while measuring."""
     m, i, o, e, d = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype
     r_pad = configs.r_pad_for(layer.capacity + 1 if measuring else max(layer.capacity, 1))
     segments = layer.samples if measuring else 1
@@ -201,10 +201,11 @@ def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 13
     blocks = configs.blocks_for("segment_reduce", d)
     tiles = math.ceil(i / blocks.block_n) + math.ceil(o / blocks.block_n)
     chunks, _ = configs.segment_chunks(m // segments, segments, tiles, blocks, 2 * multiprocessors)
-    partials = segments * chunks * r_pad * (i + o)
-    kernels += [Kernel("segment reduce dA, dB", 2.0 * m * r_pad * (i + o),
-                       2 * 4 * m * r_pad + e * m * (i + o) + 4 * partials, d),
-                elementwise("finalize dA, dB", 4 * partials, r_pad * (i + o), 4, e)]
+    for grad, depth in (("dA", i), ("dB", o)):  # one chunk plan for both reductions
+        partials = segments * chunks * r_pad * depth
+        kernels += [Kernel(f"segment reduce {grad}", 2.0 * m * r_pad * depth,
+                           4 * m * r_pad + e * m * depth + 4 * partials, d),
+                    elementwise(f"finalize {grad}", 4 * partials, r_pad * depth, 4, e)]
     if measuring:  # _fisher_collect_kernel: per-tile sums of both reductions into the statistics
         tiles = sum(math.ceil(depth / configs.blocks_for("finalize", d).block_n) for depth in (i, o))
         kernels += [elementwise("fisher collect", tiles * r_pad, 3 * (layer.capacity + 1), 4)]

@@ -191,6 +191,21 @@ def test_non_finite_input_raises_at_the_decision_unless_the_scaler_skipped_the_s
     assert controller.after_step(0) == [] and controller.is_due(1)
 
 
+def test_non_finite_input_raises_before_the_optimizer_moves_anything():
+    (x, y), = batches(1)
+    x = x.clone()
+    x[0, 0] = float("inf")
+    model = toy_model()
+    opt = SeLoRAAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    controller = ExpansionController(model, opt, SeLoRAConfig(threshold=1.0, interval=1))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    controller.before_forward(0)
+    F.mse_loss(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"toy\.0 \(1 input rows\)"):
+        opt.step()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())  # nothing moved
+
+
 def test_reference_code_mode_reproduces_the_released_rule():
     model = toy_model(width=5)
     config = SeLoRAConfig(trial="reference_code", threshold=1e9, interval=1)

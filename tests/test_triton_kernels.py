@@ -247,6 +247,14 @@ def test_backward_counts_non_finite_input_rows(rows_per_sample):
     assert expected[2, FISHER_COL_NONFINITE].item() == len(bad_rows)
     assert not fisher[2, FISHER_COL_NONFINITE + 1:].any()
     assert selora_linear_backward_triton(*args, False, True)[3].count_nonzero() == 0  # not measuring
+    # a diverged adapter (NaN / overflowing live A rows) with a finite input is not blamed on the input
+    case = make_case(2, rows_per_sample, 24, 20, 15, 3, torch.float32, seed=12)
+    case["lora_a"][0, 0] = float("nan")
+    case["lora_a"][1:3] *= 3e38
+    args = (case["grad_y"], case["x"], case["weight"], case["lora_a"], case["lora_b"], case["trial_row"],
+            case["live_rank"], 0.5, 2, 2.0)
+    assert selora_linear_backward_triton(*args, True, True)[3][2, FISHER_COL_NONFINITE].item() == 0
+    assert backward_reference(*args, True, True)[3][2, FISHER_COL_NONFINITE].item() == 0
 
 
 @needs_kernels

@@ -24,8 +24,9 @@ Modes (config.trial):
 
 AMP: pass the GradScaler (accelerate: `accelerator.scaler`): Fisher is divided by scale^2 and a step whose
 statistics or gradients are not finite is not decided (the test moves to the next step).
-Inputs holding inf/NaN while measuring raise ValueError at the decision (after_step), naming the modules,
-unless the GradScaler skipped that step (then they are an fp16 overflow and the test moves on).
+Inputs holding inf/NaN while measuring raise ValueError naming the modules: before optimizer.step()
+moves anything (a pre-step hook, when the controller has the optimizer), else at the decision (after_step);
+not when the GradScaler skipped that step (then they are an fp16 overflow and the test moves on).
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ import torch
 
 from ..config import SeLoRAConfig, next_capacity
 from ..nn.growth import expand_modules, grow_modules_
-from ..nn.selora_linear import SeLoRALinear, kaiming_bound
+from ..nn.selora_linear import SeLoRALinear, kaiming_bound, raise_on_nonfinite_inputs
+from ..ops.reference import FISHER_COL_NONFINITE, FISHER_ROW_COUNT
 from ..optim.state_growth import check_supported, unwrap_optimizer
 from .distributed import all_reduce_mean_, all_reduce_sum_, check_same_ranks, is_distributed
 from .fisher import batched_fisher_scores, squared_gradient_norms
@@ -119,8 +121,8 @@ class ExpansionController:
         if optimizer is not None:
             check_supported(optimizer)
             self._check_optimizer_holds_adapters()
-            if self.config.trial == "reference_code":
-                self._hook = unwrap_optimizer(optimizer).register_step_pre_hook(self._capture_first_pass)
+            hook = self._capture_first_pass if self.config.trial == "reference_code" else self._check_inputs
+            self._hook = unwrap_optimizer(optimizer).register_step_pre_hook(hook)
         check_same_ranks(list(self.modules.values()))
 
     # ------------------------------------------------------------------ public API
@@ -230,6 +232,19 @@ class ExpansionController:
         before = self._scale_at_measure
         after = self._current_scale()
         return before is not None and after is not None and after < before
+
+    def _check_inputs(self, optimizer, args, kwargs):
+        # Optimizer pre-step hook on measuring steps: inputs that held inf/NaN raise before any parameter
+        # moves (one small all-reduce and one host read per measuring step). A GradScaler that skips the
+        # step never calls optimizer.step, so an fp16 overflow does not get here.
+        if self._measuring_step is None:
+            return
+        modules = self.module_list
+        counts = torch.stack([m.fisher_statistics()[FISHER_ROW_COUNT, FISHER_COL_NONFINITE].double()
+                              for m in modules])
+        if is_distributed():
+            counts = all_reduce_sum_(counts)
+        raise_on_nonfinite_inputs([m.selora_name for m in modules], counts.cpu().tolist())
 
     # ------------------------------------------------------------------ reference-code test
     def _capture_first_pass(self, optimizer, args, kwargs):

@@ -13,12 +13,12 @@ Launches (all deterministic: fixed-order reductions, no atomics):
   1. grad_x: the forward kernel mirrored (selora_linear_forward.py) emits P; without grad_x, `_shrink_kernel`
      computes P = dy B instead.
   2. `_shrink_kernel`: U = x A_ext^T, where A_ext appends the trial row as slot `capacity` while measuring.
-  3. `_segment_reduce_kernel`, one launch for both (P, x) -> dA and (U, dy) -> dB (axis 1 runs over the
-     column tiles of both): the token reduction is split at sample boundaries and further into chunks
-     inside a sample, each chunk writing an fp32 partial R_PAD x D.
-  4. `_finalize_kernel`, one launch for both: per D tile, sums each sample's chunk partials in order (the
-     per-sample gradient), adds it into the gradient and, when FISHER, squares (c g_i)^2 into an fp32
-     per-slot sum.
+  3. `_segment_reduce_kernel` twice ((P, x) -> dA, (U, dy) -> dB): the token reduction is split at sample
+     boundaries and further into chunks inside a sample, each chunk writing an fp32 partial R_PAD x D.
+  4. `_finalize_kernel` twice: per D tile, sums each sample's chunk partials in order (the per-sample
+     gradient), adds it into the gradient and, when FISHER, squares (c g_i)^2 into an fp32 per-slot sum.
+     (One launch for both gradients, branching on the program id, was tried: its two branches compiled
+     with separate pipeline buffers, twice the shared memory, and a stack frame under triton 3.6.)
   5. While measuring, `_fisher_collect_kernel` sums the per-tile Fisher sums in tile order and the shrink
      programs' counts of non-finite input rows, and writes the whole (3, capacity + 1) statistics tensor. One launch instead of five small torch ops: measuring then
      costs the same number of launches as not measuring (the zero fill of the statistics is skipped), which
@@ -37,7 +37,7 @@ from . import configs
 from .selora_linear_forward import (NAME_TO_TRITON, _fp32_rank_dot, current_dot_precision, dtype_name,
                                     launch_fused_lowrank_matmul)
 
-FISHER_ROWS = 3  # layout of ops.reference: row 0 fisher_a, row 1 fisher_b, row 2 column 0 the sample count
+FISHER_ROWS = 3  # layout of ops.reference: row 0 fisher_a, row 1 fisher_b, row 2 sample and non-finite row counts
 
 
 @triton.jit
@@ -71,19 +71,29 @@ def _shrink_kernel(x_ptr, slot_rows_ptr, trial_row_ptr, live_rank_ptr, out_ptr, 
         live = live | (slots == capacity)
     acc = tl.where(live[None, :], acc, 0.0)
     tl.store(out_ptr + offs_m[:, None] * R_PAD + slots[None, :], acc, mask=row_ok[:, None])
-    if HAS_TRIAL:  # measuring: count the rows of x holding inf/NaN (their U row is not finite)
-        row_sum = tl.sum(acc, axis=1)  # not finite iff an entry is not (inf - inf, NaN propagate)
-        finite_row = (row_sum - row_sum) == 0.0
+    if HAS_TRIAL:
+        # measuring: count the rows of x holding inf/NaN. Their trial column x . trial_row is not finite (a
+        # non-finite entry times any weight, zero included, is inf or NaN); the live columns are left out so
+        # that a diverged adapter is not blamed on the input. t - t is 0 when finite, NaN otherwise.
+        trial_u = tl.sum(tl.where((slots == capacity)[None, :], acc, 0.0), axis=1)
+        finite_row = (trial_u - trial_u) == 0.0
         tl.store(nonfinite_ptr + pid, tl.sum(tl.where(finite_row | ~row_ok, 0.0, 1.0), axis=0))
 
 
 @triton.jit
-def _reduce_chunk_tile(low_rank_ptr, x_ptr, partial_ptr, start, end, pid_chunk, tile, depth, stride_xm, stride_xd,
-                       R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
-    # partial[pid_chunk, k, n] = sum over the tokens t in [start, end) of L[t, k] X[t, n], n in column tile
+def _segment_reduce_kernel(low_rank_ptr, x_ptr, partial_ptr,
+                           segment_rows, chunk_rows, chunks, depth,
+                           stride_xm, stride_xd,
+                           R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
+    # partial[i * chunks + c, k, n] = sum over the tokens t of chunk c of sample i of L[t, k] X[t, n]
+    pid_chunk = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    segment = pid_chunk // chunks
+    start = segment * segment_rows + (pid_chunk % chunks) * chunk_rows
+    end = tl.minimum(start + chunk_rows, (segment + 1) * segment_rows)
     offs_t = tl.arange(0, BLOCK_T)
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     slots = tl.arange(0, R_PAD)
     col_ok = offs_n < depth
     acc = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
@@ -101,32 +111,13 @@ def _reduce_chunk_tile(low_rank_ptr, x_ptr, partial_ptr, start, end, pid_chunk, 
 
 
 @triton.jit
-def _segment_reduce_kernel(p_ptr, x_ptr, partial_a_ptr, u_ptr, dy_ptr, partial_b_ptr,
-                           segment_rows, chunk_rows, chunks, depth_a, depth_b, tiles_a,
-                           stride_xm, stride_xd, stride_ym, stride_yd,
-                           R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr):
-    # Both reductions in one launch: axis 1 runs over the column tiles of P^T x (dA, `tiles_a` of them),
-    # then over those of U^T dY (dB transposed). Axis 0: chunk c of sample i (chunks never cross samples).
-    pid_chunk = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    segment = pid_chunk // chunks
-    start = segment * segment_rows + (pid_chunk % chunks) * chunk_rows
-    end = tl.minimum(start + chunk_rows, (segment + 1) * segment_rows)
-    if pid_n < tiles_a:
-        _reduce_chunk_tile(p_ptr, x_ptr, partial_a_ptr, start, end, pid_chunk, pid_n, depth_a,
-                           stride_xm, stride_xd, R_PAD, BLOCK_N, BLOCK_T, DOT_PRECISION)
-    else:
-        _reduce_chunk_tile(u_ptr, dy_ptr, partial_b_ptr, start, end, pid_chunk, pid_n - tiles_a, depth_b,
-                           stride_ym, stride_yd, R_PAD, BLOCK_N, BLOCK_T, DOT_PRECISION)
-
-
-@triton.jit
-def _finalize_tile(partial_ptr, grad_ptr, fisher_ptr, tile, fisher_tile, segments, chunks, depth, capacity,
-                   scale, fisher_factor, stride_gr, stride_gd,
-                   FISHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+def _finalize_kernel(partial_ptr, grad_ptr, fisher_ptr,
+                     segments, chunks, depth, capacity, scale, fisher_factor,
+                     stride_gr, stride_gd,
+                     FISHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
     # g_i = sum_c partial[i, c] (sample i's gradient / s); grad = s sum_i g_i; fisher[k] = sum_i sum_n (c g_i)^2
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     slots = tl.arange(0, R_PAD)
     col_ok = offs_n < depth
     tile_offsets = slots[:, None] * depth + offs_n[None, :]
@@ -145,27 +136,7 @@ def _finalize_tile(partial_ptr, grad_ptr, fisher_ptr, tile, fisher_tile, segment
     tl.store(grad_ptrs, (grad * scale).to(grad_ptr.dtype.element_ty),
              mask=(slots < capacity)[:, None] & col_ok[None, :])
     if FISHER:
-        tl.store(fisher_ptr + fisher_tile * R_PAD + slots, tl.sum(fisher, axis=1))
-
-
-@triton.jit(do_not_specialize=["stride_gar", "stride_gad", "stride_gbr", "stride_gbd"])
-def _finalize_kernel(partial_a_ptr, grad_a_ptr, partial_b_ptr, grad_b_ptr, fisher_ptr,
-                     tiles_a, segments, chunks, depth_a, depth_b, capacity, scale, fisher_factor,
-                     stride_gar, stride_gad, stride_gbr, stride_gbd,
-                     FISHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
-    # One launch for dA (the first `tiles_a` programs) and dB (written through its transpose's strides);
-    # the per-tile Fisher sums land in one (tiles_a + tiles_b) x R_PAD buffer, dA's tiles first. One call
-    # site with selected operands (two would be compiled twice); the gradient strides stay runtime values
-    # so both branches yield the same types (they only address the final R_PAD x BLOCK_N store).
-    pid = tl.program_id(0)
-    if pid < tiles_a:
-        partial_ptr, grad_ptr, tile, depth, stride_gr, stride_gd = (partial_a_ptr, grad_a_ptr, pid, depth_a,
-                                                                    stride_gar, stride_gad)
-    else:
-        partial_ptr, grad_ptr, tile, depth, stride_gr, stride_gd = (partial_b_ptr, grad_b_ptr, pid - tiles_a,
-                                                                    depth_b, stride_gbr, stride_gbd)
-    _finalize_tile(partial_ptr, grad_ptr, fisher_ptr, tile, pid, segments, chunks, depth, capacity, scale,
-                   fisher_factor, stride_gr, stride_gd, FISHER, R_PAD, BLOCK_N)
+        tl.store(fisher_ptr + pid * R_PAD + slots, tl.sum(fisher, axis=1))
 
 
 @triton.jit
@@ -235,38 +206,33 @@ def _shrink(x, slot_rows, slot_strides, trial_row, live_rank, out, nonfinite, ca
 
 
 class _ReducePlan:
-    """Grid of the segment reduction and the finalize for dA (depth = in) and dB (depth = out) together."""
+    """Chunking of the two segment reductions (dA over depth = in, dB over depth = out), shared by both so
+    that their partials have one layout, and the finalize tiles."""
 
     def __init__(self, rows, depth_a, depth_b, dtype_name_, segments, r_pad, target_programs):
         self.blocks = configs.blocks_for("segment_reduce", dtype_name_)
         self.final = configs.blocks_for("finalize", dtype_name_)
         self.segment_rows = rows // segments
-        self.tiles_a = triton.cdiv(depth_a, self.blocks.block_n)
-        self.tiles_b = triton.cdiv(depth_b, self.blocks.block_n)
-        self.chunks, self.chunk_rows = configs.segment_chunks(self.segment_rows, segments,
-                                                              self.tiles_a + self.tiles_b, self.blocks,
-                                                              target_programs)
-        self.final_a = triton.cdiv(depth_a, self.final.block_n)
-        self.final_b = triton.cdiv(depth_b, self.final.block_n)
-        self.partial_shapes = ((segments * self.chunks, r_pad, depth_a), (segments * self.chunks, r_pad, depth_b))
+        self.tiles = (triton.cdiv(depth_a, self.blocks.block_n), triton.cdiv(depth_b, self.blocks.block_n))
+        self.chunks, self.chunk_rows = configs.segment_chunks(self.segment_rows, segments, sum(self.tiles),
+                                                              self.blocks, target_programs)
+        self.final_tiles = (triton.cdiv(depth_a, self.final.block_n), triton.cdiv(depth_b, self.final.block_n))
+        self.partial_shapes = tuple((segments * self.chunks, r_pad, depth) for depth in (depth_a, depth_b))
 
 
-def _reduce(plan, work, proj_grad, x, low_rank, grad_y, grad_a, grad_b, capacity, r_pad, scale, segments,
-            fisher_factor, measuring):
-    """grad_a = s P^T x and grad_b = s dY^T U, each reduction split at sample boundaries: one launch of
-    `_segment_reduce_kernel` and one of `_finalize_kernel` for both. Fisher tiles land in work["fisher"]."""
-    depth_a, depth_b = x.shape[1], grad_y.shape[1]
-    partial_a, partial_b = work["partial_a"], work["partial_b"]
-    _segment_reduce_kernel[(segments * plan.chunks, plan.tiles_a + plan.tiles_b)](
-        proj_grad, x, partial_a, low_rank, grad_y, partial_b, plan.segment_rows, plan.chunk_rows, plan.chunks,
-        depth_a, depth_b, plan.tiles_a, x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
+def _reduce(plan, which, low_rank, x, partial, grad, grad_strides, fisher_tiles, capacity, r_pad, scale,
+            segments, fisher_factor, measuring):
+    """grad (written in place through grad_strides) = s L^T X, split at sample boundaries; `which` is 0
+    for dA, 1 for dB. Per-tile Fisher sums go to fisher_tiles while measuring."""
+    depth = x.shape[1]
+    _segment_reduce_kernel[(segments * plan.chunks, plan.tiles[which])](
+        low_rank, x, partial, plan.segment_rows, plan.chunk_rows, plan.chunks, depth, x.stride(0), x.stride(1),
         R_PAD=r_pad, BLOCK_N=plan.blocks.block_n, BLOCK_T=plan.blocks.block_k,
         DOT_PRECISION=current_dot_precision(x.dtype), num_warps=plan.blocks.num_warps,
         num_stages=plan.blocks.num_stages)
-    _finalize_kernel[(plan.final_a + plan.final_b,)](
-        partial_a, grad_a, partial_b, grad_b, work["fisher"] if measuring else partial_a, plan.final_a, segments,
-        plan.chunks, depth_a, depth_b, capacity, float(scale), float(fisher_factor),
-        grad_a.stride(0), grad_a.stride(1), grad_b.stride(1), grad_b.stride(0),
+    _finalize_kernel[(plan.final_tiles[which],)](
+        partial, grad, fisher_tiles if measuring else partial, segments, plan.chunks, depth, capacity,
+        float(scale), float(fisher_factor), grad_strides[0], grad_strides[1],
         FISHER=measuring, R_PAD=r_pad, BLOCK_N=plan.final.block_n, num_warps=plan.final.num_warps,
         num_stages=plan.final.num_stages)
 
@@ -306,11 +272,13 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
     plan = _ReducePlan(rows, in_features, out_features, dtype_name(x.dtype), segments, r_pad,
                        _target_programs(device))
     shrink_programs = triton.cdiv(rows, configs.blocks_for("shrink", dtype_name(x.dtype)).block_m)
+    final_a, final_b = plan.final_tiles
     work = _Workspace(device, {
         "proj_grad": (rows, r_pad),  # P = (dy B) . mask
         "low_rank": (rows, r_pad),  # U = (x A_ext^T) . mask
         "partial_a": plan.partial_shapes[0], "partial_b": plan.partial_shapes[1],
-        **({"nonfinite": (shrink_programs,), "fisher": (plan.final_a + plan.final_b, r_pad)} if measuring else {}),
+        **({"nonfinite": (shrink_programs,), "fisher_a": (final_a, r_pad), "fisher_b": (final_b, r_pad)}
+           if measuring else {}),
     })
     proj_grad, low_rank = work["proj_grad"], work["low_rank"]
     if compute_grad_x:
@@ -324,14 +292,18 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
     trial = trial_row.contiguous() if measuring else None  # read as a unit-stride vector
     _shrink(x, lora_a, (lora_a.stride(0), lora_a.stride(1)), trial, live_rank, low_rank,
             work["nonfinite"] if measuring else None, capacity, r_pad)
-    _reduce(plan, work, proj_grad, x, low_rank, grad_y, grad_a, grad_b, capacity, r_pad, scale, segments,
-            scale * per_sample_multiplier, measuring)
+    fisher_factor = scale * per_sample_multiplier
+    fisher_a, fisher_b = (work["fisher_a"], work["fisher_b"]) if measuring else (None, None)
+    _reduce(plan, 0, proj_grad, x, work["partial_a"], grad_a, (grad_a.stride(0), grad_a.stride(1)), fisher_a,
+            capacity, r_pad, scale, segments, fisher_factor, measuring)
+    _reduce(plan, 1, low_rank, grad_y, work["partial_b"], grad_b, (grad_b.stride(1), grad_b.stride(0)), fisher_b,
+            capacity, r_pad, scale, segments, fisher_factor, measuring)
     if measuring:
-        fisher_tiles, collect = work["fisher"], configs.blocks_for("fisher_collect", "fp32")
-        _fisher_collect_kernel[(1,)](fisher_tiles, fisher_tiles[plan.final_a:], work["nonfinite"], fisher,
-                                     plan.final_a, plan.final_b, shrink_programs, capacity + 1,
-                                     float(num_samples), R_PAD=r_pad, BLOCK=collect.block_n,
-                                     num_warps=collect.num_warps, num_stages=collect.num_stages)
+        collect = configs.blocks_for("fisher_collect", "fp32")
+        _fisher_collect_kernel[(1,)](fisher_a, fisher_b, work["nonfinite"], fisher, final_a, final_b,
+                                     shrink_programs, capacity + 1, float(num_samples), R_PAD=r_pad,
+                                     BLOCK=collect.block_n, num_warps=collect.num_warps,
+                                     num_stages=collect.num_stages)
     return grad_x, grad_a, grad_b, fisher
 
 
@@ -353,17 +325,20 @@ def aot_spec(config: configs.LaunchConfig):
     elif config.kernel == "segment_reduce":
         fn = _segment_reduce_kernel
         constexprs = dict(R_PAD=config.r_pad, BLOCK_N=b.block_n, BLOCK_T=b.block_k, DOT_PRECISION=precision,
-                          stride_xd=1, stride_yd=1)
-        pointers = {"p_ptr": "fp32", "x_ptr": dtype, "partial_a_ptr": "fp32", "u_ptr": "fp32", "dy_ptr": dtype,
-                    "partial_b_ptr": "fp32"}
+                          stride_xd=1)
+        pointers = {"low_rank_ptr": "fp32", "x_ptr": dtype, "partial_ptr": "fp32"}
         floats = ()
     elif config.kernel == "finalize":
         fn = _finalize_kernel
-        # grad_a is written row-major, grad_b through its transpose: leave the strides unspecialised
+        # grad_a is written row-major, grad_b through its transpose: leave both strides unspecialised
         constexprs = dict(FISHER=bool(flags["FISHER"]), R_PAD=config.r_pad, BLOCK_N=b.block_n)
-        pointers = {"partial_a_ptr": "fp32", "grad_a_ptr": dtype, "partial_b_ptr": "fp32", "grad_b_ptr": dtype,
-                    "fisher_ptr": "fp32"}
+        pointers = {"partial_ptr": "fp32", "grad_ptr": dtype, "fisher_ptr": "fp32"}
         floats = ("scale", "fisher_factor")
+    elif config.kernel == "fisher_collect":
+        fn = _fisher_collect_kernel
+        constexprs = dict(R_PAD=config.r_pad, BLOCK=config.blocks.block_n)
+        pointers = {"tiles_a_ptr": "fp32", "tiles_b_ptr": "fp32", "nonfinite_ptr": "fp32", "fisher_ptr": "fp32"}
+        floats = ("sample_count",)
     elif config.kernel == "fisher_collect":
         fn = _fisher_collect_kernel
         constexprs = dict(R_PAD=config.r_pad, BLOCK=config.blocks.block_n)
@@ -371,7 +346,6 @@ def aot_spec(config: configs.LaunchConfig):
         floats = ("sample_count",)
     else:
         raise KeyError(f"{config.kernel!r} is not a backward kernel")
-    # B's column stride is the capacity (e.g. 15)
-    not_divisible = ("stride_sd", "stride_gar", "stride_gad", "stride_gbr", "stride_gbd")
+    not_divisible = ("stride_sd", "stride_gr", "stride_gd")  # B's column stride is the capacity (e.g. 15)
     signature, attrs = configs.aot_signature(fn.arg_names, pointers, constexprs, floats, not_divisible)
     return fn, signature, constexprs, attrs

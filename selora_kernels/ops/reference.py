@@ -35,9 +35,9 @@ FISHER_ROW_A = 0  # sum over samples of ||dL_i/dA[k, :]||^2
 FISHER_ROW_B = 1  # sum over samples of ||dL_i/dB[:, k]||^2
 FISHER_ROW_COUNT = 2  # column 0: number of samples accumulated; column 1: FISHER_COL_NONFINITE
 FISHER_ROWS = 3
-# Input rows whose x A_ext^T (live slots + trial slot) is not finite, i.e. rows of x holding inf/NaN: counted
-# in the backward that already forms x A_ext^T, so the check costs no pass over x and no host sync; the
-# statistics' readers (nn.SeLoRALinear.fisher_scores, expansion.fisher) raise on it, naming the module.
+# Input rows holding inf/NaN, counted from the trial column x . trial_row that the measuring backward already
+# forms, so the check costs no pass over x and no host sync; the statistics' readers (the controller before
+# the optimizer step, nn.SeLoRALinear.fisher_scores, expansion.fisher) raise on it, naming the module.
 FISHER_COL_NONFINITE = 1
 
 
@@ -138,7 +138,9 @@ def backward_reference(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         fisher[FISHER_ROW_B, :slots] = per_sample_b[..., :slots].square().sum(dim=(0, 1)).mul_(fisher_scale)
         fisher[FISHER_ROW_B, -1] = per_sample_b[..., -1].square().sum().mul_(fisher_scale)
         fisher[FISHER_ROW_COUNT, 0] = num_samples  # the trial A row's Fisher stays 0: its B column is zero
-        fisher[FISHER_ROW_COUNT, FISHER_COL_NONFINITE] = torch.isfinite(u_ext).all(dim=1).logical_not().sum()
+        # rows of x holding inf/NaN: their trial column x . trial_row is not finite (any weight times inf or
+        # NaN is); the live columns are left out so that a diverged adapter is not blamed on the input
+        fisher[FISHER_ROW_COUNT, FISHER_COL_NONFINITE] = torch.isfinite(u_ext[:, -1]).logical_not().sum()
     else:
         torch.mm(proj_grad.t(), xa, out=grad_a[:slots]).mul_(scale)
         grad_b[:, :slots] = (g.t() @ low_rank).mul_(scale)
