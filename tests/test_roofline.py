@@ -141,3 +141,21 @@ def test_forward_model_counts_one_launch(monkeypatch):
                                    torch.zeros(24, 15, **t), 0.5)
     assert kernels == ["_fused_lowrank_matmul_kernel"] and ops == []
     assert len(roofline.ours_fused_forward(L1)) == 1
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="the dispatch rules need triton importable")
+def test_bench_tables_render_measured_over_roofline():
+    sys.path.insert(0, str(BENCH.parent / "tools"))
+    import bench_tables
+
+    params = {"shape": GPU_SHAPES[0]._asdict(), "rank": 4, "capacity": 15, "dtype": "bf16", "mode": "fwd",
+              "device": "cuda"}
+    estimate = roofline.case_estimate("selora_linear", params, "NVIDIA H100 80GB HBM3")
+    estimate["providers"]["ours"]["measured_over_estimate"] = 1.25
+    with_floor = {"params": params, "baselines": {"peft": {"ratio": 0.25}}, "path": "fused", "time_ms": 0.02,
+                  "targets": [], "roofline": estimate}
+    without = {key: value for key, value in with_floor.items() if key != "roofline"}
+    rows = bench_tables.linear_table([with_floor, without])
+    assert rows[0].endswith("ours / roofline |") and "1.25 (memory)" in rows[2] and rows[3].endswith("| - |")
+    assert len({row.count("|") for row in rows}) == 1  # every row has every column
+    assert "roofline" not in bench_tables.linear_table([without])[0]

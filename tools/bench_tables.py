@@ -26,20 +26,17 @@ def _target_flags(case: dict) -> str:
                      for t in case.get("targets", [])) or "-"
 
 
-def _over_floor(case: dict, provider: str) -> str:
-    """A cell: measured / roofline estimate (GPU runs store `roofline` with each case; bench/roofline.py)."""
-    if "roofline" not in case:
-        return ""
-    floor = case["roofline"].get("providers", {}).get(provider, {})
-    value = floor.get("measured_over_estimate")
-    return f" {value:.2f} ({floor['bound']}) |" if value is not None else " - |"
-
-
-def _with_floor_column(cases, rows: list) -> list:
-    """Adds the header of the roofline column when the run stored floors (GPU runs)."""
-    if any("roofline" in case for case in cases):
-        rows[0] += " ours / roofline |"
-        rows[1] += "---|"
+def _with_floor_column(cases, rows: list, provider: str) -> list:
+    """Adds a column measured / roofline estimate of `provider` when the run stored floors (GPU runs store
+    `roofline` with each case; bench/roofline.py). rows: header, separator, then one row per case."""
+    if not any("roofline" in case for case in cases):
+        return rows
+    rows[0] += " ours / roofline |"
+    rows[1] += "---|"
+    for index, case in enumerate(cases, start=2):
+        floor = case.get("roofline", {}).get("providers", {}).get(provider, {})
+        value = floor.get("measured_over_estimate")
+        rows[index] += f" {value:.2f} ({floor['bound']}) |" if value is not None else " - |"
     return rows
 
 
@@ -53,9 +50,8 @@ def linear_table(cases) -> list:
         cells = [_ratio(b[k]) if k in b else "-" for k in ("frozen", "unfused", "merged", "peft")]
         path = case["path"] if isinstance(case["path"], str) else json.dumps(case["path"])
         rows.append(f"| {layer} | {p['rank']} | {p['dtype']} | {p['mode']} | {path.split(' ')[0]} | "
-                    f"{case['time_ms']:.2f} | " + " | ".join(cells) + f" | {_target_flags(case)} |"
-                    + _over_floor(case, "ours"))
-    return _with_floor_column(cases, rows)
+                    f"{case['time_ms']:.2f} | " + " | ".join(cells) + f" | {_target_flags(case)} |")
+    return _with_floor_column(cases, rows, "ours")
 
 
 def fisher_table(cases) -> list:
@@ -68,8 +64,8 @@ def fisher_table(cases) -> list:
         rows.append(f"| {shape['name']} {shape['batch']}x{shape['tokens']} | {p['rank']} | "
                     f"{m['with_over_without']:.2f} | {m['fisher_increment_ms']:.2f} | "
                     f"{m['vmap_over_increment']:.1f} | {b['bmm_fisher']['min_ms']:.2f} | {_target_flags(case)} | "
-                    f"{diff:.0e} |" + _over_floor(case, "ours_fisher"))
-    return _with_floor_column(cases, rows)
+                    f"{diff:.0e} |")
+    return _with_floor_column(cases, rows, "ours_fisher")
 
 
 def growth_table(cases) -> list:
