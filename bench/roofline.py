@@ -327,22 +327,12 @@ def case_estimate(op: str, params: dict, device_name: str, fp32_precision: str =
 
 def _gpu_params():
     from sd_shapes import GPU_SHAPES  # noqa: WPS433 (bench/ is on sys.path under pytest and below)
+    from selora_kernels.config import default_capacity
 
     for shape in GPU_SHAPES:
         for dtype, ranks in (("bf16", (1, 4, 16)), ("fp32", (4,))):
-            for rank in ranks:
-                capacity = configs_capacity(rank)
-                yield shape, rank, capacity, dtype
-
-
-def configs_capacity(rank: int) -> int:
-    """The capacity a module at `rank` has after growing from rank 1 along the default chain."""
-    from selora_kernels.config import default_capacity, next_capacity
-
-    capacity = default_capacity(1)
-    while capacity < rank:
-        capacity = next_capacity(capacity)
-    return capacity
+            for rank in ranks:  # the benchmarks build their modules with r_init = rank
+                yield shape, rank, default_capacity(rank), dtype
 
 
 def prediction_table(ceilings: Ceilings = H100, launch_us: float = LAUNCH_US) -> str:

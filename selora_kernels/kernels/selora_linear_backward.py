@@ -20,9 +20,10 @@ Launches (all deterministic: fixed-order reductions, no atomics):
      (One launch for both gradients, branching on the program id, was tried: its two branches compiled
      with separate pipeline buffers, twice the shared memory, and a stack frame under triton 3.6.)
   5. While measuring, `_fisher_collect_kernel` sums the per-tile Fisher sums in tile order and the shrink
-     programs' counts of non-finite input rows, and writes the whole (3, capacity + 1) statistics tensor. One launch instead of five small torch ops: measuring then
-     costs the same number of launches as not measuring (the zero fill of the statistics is skipped), which
-     is what the Fisher increment is made of at small shapes (bench/roofline.py).
+     programs' counts of non-finite input rows, and writes the whole (3, capacity + 1) statistics tensor.
+     One launch instead of five small torch ops: measuring then costs the same number of launches as not
+     measuring (the zero fill of the statistics is skipped), which is what the Fisher increment is made of
+     at small shapes (bench/roofline.py).
 """
 from __future__ import annotations
 
@@ -193,11 +194,16 @@ class _Workspace:
         return self.buffer[start:start + math.prod(shape)].view(shape)
 
 
+def _shrink_programs(x) -> int:
+    """Programs of one `_shrink` launch over x: the length of its non-finite row counts."""
+    return triton.cdiv(x.shape[0], configs.blocks_for("shrink", dtype_name(x.dtype)).block_m)
+
+
 def _shrink(x, slot_rows, slot_strides, trial_row, live_rank, out, nonfinite, capacity, r_pad):
     """out = (x S^T) . mask; with a trial row, also each program's count of non-finite rows (fp32)."""
     rows, depth = x.shape
     blocks = configs.blocks_for("shrink", dtype_name(x.dtype))
-    _shrink_kernel[(triton.cdiv(rows, blocks.block_m),)](
+    _shrink_kernel[(_shrink_programs(x),)](
         x, slot_rows, trial_row if trial_row is not None else slot_rows, live_rank, out,
         nonfinite if trial_row is not None else out,
         rows, depth, capacity, x.stride(0), x.stride(1), slot_strides[0], slot_strides[1],
@@ -252,8 +258,8 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
     if measuring and rows % num_samples:
         raise ValueError(f"{rows} input rows cannot be split into {num_samples} samples")
     # Measuring: every entry is written by _fisher_collect_kernel, so no zero fill (one launch fewer).
-    fisher = torch.empty if measuring and rows and in_features and out_features else torch.zeros
-    fisher = fisher(FISHER_ROWS, capacity + 1, dtype=torch.float32, device=device)
+    allocate = torch.empty if measuring and rows and in_features and out_features else torch.zeros
+    fisher = allocate(FISHER_ROWS, capacity + 1, dtype=torch.float32, device=device)
     grad_x = torch.empty(rows, in_features, dtype=x.dtype, device=device) if compute_grad_x else x.new_empty(0)
     grad_a = torch.empty(capacity, in_features, dtype=lora_a.dtype, device=device)
     grad_b = torch.empty(out_features, capacity, dtype=lora_b.dtype, device=device)
@@ -271,7 +277,7 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
     segments = num_samples if measuring else 1
     plan = _ReducePlan(rows, in_features, out_features, dtype_name(x.dtype), segments, r_pad,
                        _target_programs(device))
-    shrink_programs = triton.cdiv(rows, configs.blocks_for("shrink", dtype_name(x.dtype)).block_m)
+    shrink_programs = _shrink_programs(x)
     final_a, final_b = plan.final_tiles
     work = _Workspace(device, {
         "proj_grad": (rows, r_pad),  # P = (dy B) . mask
@@ -334,11 +340,6 @@ def aot_spec(config: configs.LaunchConfig):
         constexprs = dict(FISHER=bool(flags["FISHER"]), R_PAD=config.r_pad, BLOCK_N=b.block_n)
         pointers = {"partial_ptr": "fp32", "grad_ptr": dtype, "fisher_ptr": "fp32"}
         floats = ("scale", "fisher_factor")
-    elif config.kernel == "fisher_collect":
-        fn = _fisher_collect_kernel
-        constexprs = dict(R_PAD=config.r_pad, BLOCK=config.blocks.block_n)
-        pointers = {"tiles_a_ptr": "fp32", "tiles_b_ptr": "fp32", "nonfinite_ptr": "fp32", "fisher_ptr": "fp32"}
-        floats = ("sample_count",)
     elif config.kernel == "fisher_collect":
         fn = _fisher_collect_kernel
         constexprs = dict(R_PAD=config.r_pad, BLOCK=config.blocks.block_n)
