@@ -109,9 +109,10 @@ setup(
     # the programs of python/ install as selora_kernels_programs, behind console scripts
     packages=find_packages(include=["selora_kernels", "selora_kernels.*"]) + ["selora_kernels_programs"],
     package_dir={"selora_kernels_programs": "python"},
+    # one per program: selora-finetune, selora-generate, selora-evaluate, selora-compare, selora-demo, selora-demo-toy
     entry_points={"console_scripts": [
-        f"selora-{name}=selora_kernels_programs.{name}:main"
-        for name in ("finetune", "generate", "evaluate", "compare", "demo")]},
+        f"selora-{name.replace('_', '-')}=selora_kernels_programs.{name}:main"
+        for name in ("finetune", "generate", "evaluate", "compare", "demo", "demo_toy")]},
     python_requires=">=3.10",
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -3,7 +3,7 @@
 Timing cases (one growth r -> r+1 of every module per timed call; modules reset, untimed, near capacity):
     ours              expand_modules(modules) (backend "auto": the C++/CUDA extension when loaded)
     batched_fallback  expand_modules(modules, backend="fallback") (pure PyTorch, batched)
-    per_module_api    module.expand() for each module (one library call per module)
+    per_module_api    expand_modules([module]) for each module (one library call per module)
     naive_loop        the plain per-module Python loop: copy the trial row into A, zero B's column, draw the
                       next trial row, bump the rank
 Past capacity (every module at rank == capacity, SeLoRAAdamW state present): ours vs batched_fallback.
@@ -58,8 +58,7 @@ def reset_rank(modules, rank=1):
         for module in modules:
             module.lora_A[rank:].zero_()
             module.lora_B[:, rank:].zero_()
-            module.live_rank.fill_(rank)
-            module._rank = rank
+            module.set_live_rank(rank)
 
 
 def naive_expand(modules, generator):
@@ -70,8 +69,7 @@ def naive_expand(modules, generator):
             module.lora_B[:, r].zero_()
             bound = math.sqrt(6.0 / module.in_features)
             module.trial_row.copy_(torch.rand(module.in_features, generator=generator) * (2 * bound) - bound)
-            module.live_rank.fill_(r + 1)
-            module._rank = r + 1
+            module.set_live_rank(r + 1)
 
 
 def _extension_route():
@@ -108,7 +106,7 @@ def test_growth_within_capacity(harness, request, device, benchmark):
 
     providers = {
         "ours": timed(lambda: expand_modules(sets["ours"], seed=next(seeds))),
-        "per_module_api": timed(lambda: [m.expand(seed=next(seeds)) for m in sets["per_module_api"]]),
+        "per_module_api": timed(lambda: [expand_modules([m], seed=next(seeds)) for m in sets["per_module_api"]]),
         "naive_loop": timed(lambda: naive_expand(sets["naive_loop"], generator)),
     }
     if "batched_fallback" in sets:
@@ -145,8 +143,7 @@ def test_growth_past_capacity(harness, request, device, benchmark):
                 module._reallocate_capacity(CAPACITY)
                 module.lora_A.normal_()
                 module.lora_B.normal_()
-                module.live_rank.fill_(CAPACITY)
-                module._rank = CAPACITY
+                module.set_live_rank(CAPACITY)
                 module.lora_A.grad = torch.zeros_like(module.lora_A)
                 module.lora_B.grad = torch.zeros_like(module.lora_B)
         optimizer.state.clear()
@@ -279,8 +276,7 @@ def _make_one(device, dtype, rank, d=320, tokens=(2, 256)):
 
 def _train_step(fn, module, x, grad_y):
     x.grad = module.lora_A.grad = module.lora_B.grad = None
-    if module._fisher_probe is not None:
-        module._fisher_probe.grad = None
+    module.reset_measuring()
     y = fn(x)
     y.backward(grad_y)
     return y.detach()

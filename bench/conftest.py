@@ -483,8 +483,7 @@ class BenchHarness:
             b = torch.randn(module.out_features, rank, generator=generator) * 0.02
             module.lora_A[:rank] = a.to(module.lora_A)
             module.lora_B[:, :rank] = b.to(module.lora_B)
-            module.live_rank.fill_(rank)
-        module._rank = rank
+        module.set_live_rank(rank)
         return module
 
 

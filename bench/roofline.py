@@ -6,7 +6,7 @@ floor is max(FLOPs / matrix rate, bytes / bandwidth); a provider's is the sum ov
 are counted separately: with `launch_us` per launch the estimate becomes floor + launches x launch_us,
 which is what decides the small layers (text encoder: ~1 us of bytes, a few us per launch).
 
-Our kernels are counted from their real launch plan (kernels/configs.py: block tables, capacity class,
+Our kernels are counted from their real launch plan (kernels/launch_table.py: block tables, capacity class,
 chunking of the segment reduction), so a change of block size shows up here. The baselines are counted
 from the graphs the benchmarks run (bench_selora_linear.py, bench_fisher.py); peft's forward is the same
 5-kernel chain as `unfused` (dropout 0 is an Identity).
@@ -29,7 +29,8 @@ from typing import Dict, List, Optional, Tuple
 if __package__ in (None, ""):  # `python bench/roofline.py` and pytest's rootdir imports
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selora_kernels.kernels import configs  # noqa: E402
+from selora_kernels.fisher_stats import statistics_width  # noqa: E402
+from selora_kernels.kernels import launch_table  # noqa: E402
 
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 LAUNCH_US = 3.0  # order of one eager launch (CUDA 2-5 us; Triton's Python launcher is not faster)
@@ -170,8 +171,8 @@ def merged_baseline(layer: Layer, mode: str) -> Estimate:
 def ours_fused_forward(layer: Layer) -> List[Kernel]:
     """One kernel: x read once, the R_PAD-wide rank dot recomputed per output-column tile (R_PAD / BN)."""
     m, i, o, e, d = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype
-    r_pad = configs.r_pad_for(max(layer.capacity, 1))
-    tiles_n = math.ceil(o / configs.blocks_for("forward", d, m).block_n)
+    r_pad = launch_table.r_pad_for(max(layer.capacity, 1))
+    tiles_n = math.ceil(o / launch_table.blocks_for("forward", d, m).block_n)
     flops = 2.0 * m * i * o + 2.0 * m * i * r_pad * tiles_n + 2.0 * m * r_pad * o
     moved = e * (m * i + i * o + r_pad * (i + o) + m * o + o)
     return [Kernel("fused forward", flops, moved, d)]
@@ -188,9 +189,9 @@ def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 13
     """kernels/selora_linear_backward.py: grad_x (emits P), shrink (U), a segment reduction and a finalize
     for each of dA and dB, and the Fisher collect while measuring."""
     m, i, o, e, d = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype
-    r_pad = configs.r_pad_for(layer.capacity + 1 if measuring else max(layer.capacity, 1))
+    r_pad = launch_table.r_pad_for(statistics_width(layer.capacity, measuring))
     segments = layer.samples if measuring else 1
-    tiles_in = math.ceil(i / configs.blocks_for("grad_x", d, m).block_n)
+    tiles_in = math.ceil(i / launch_table.blocks_for("grad_x", d, m).block_n)
     # the statistics: a zero fill when not measuring, written whole by the collect kernel when measuring
     kernels = [] if measuring else [elementwise("fisher zeros", 0, 3 * (layer.capacity + 1), 4)]
     kernels += [
@@ -198,16 +199,16 @@ def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 13
                e * (m * o + o * i + r_pad * (i + o) + m * i) + 4 * m * r_pad, d),
         Kernel("shrink U = x A_ext^T", 2.0 * m * i * r_pad, e * (m * i + r_pad * i) + 4 * m * r_pad, d),
     ]
-    blocks = configs.blocks_for("segment_reduce", d)
+    blocks = launch_table.blocks_for("segment_reduce", d)
     tiles = math.ceil(i / blocks.block_n) + math.ceil(o / blocks.block_n)
-    chunks, _ = configs.segment_chunks(m // segments, segments, tiles, blocks, 2 * multiprocessors)
+    chunks, _ = launch_table.segment_chunks(m // segments, segments, tiles, blocks, 2 * multiprocessors)
     for grad, depth in (("dA", i), ("dB", o)):  # one chunk plan for both reductions
         partials = segments * chunks * r_pad * depth
         kernels += [Kernel(f"segment reduce {grad}", 2.0 * m * r_pad * depth,
                            4 * m * r_pad + e * m * depth + 4 * partials, d),
                     elementwise(f"finalize {grad}", 4 * partials, r_pad * depth, 4, e)]
     if measuring:  # _fisher_collect_kernel: per-tile sums of both reductions into the statistics
-        tiles = sum(math.ceil(depth / configs.blocks_for("finalize", d).block_n) for depth in (i, o))
+        tiles = sum(math.ceil(depth / launch_table.blocks_for("finalize", d).block_n) for depth in (i, o))
         kernels += [elementwise("fisher collect", tiles * r_pad, 3 * (layer.capacity + 1), 4)]
     return kernels
 
@@ -226,7 +227,7 @@ def dispatched_forward_path(layer: Layer) -> str:
 
     import torch
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[layer.dtype]
-    path = choose_forward_path(layer.rows, layer.d_in, layer.d_out, layer.capacity, dtype, True)
+    path = choose_forward_path(layer.rows, layer.d_in, layer.d_out, layer.capacity, dtype)
     return "fused" if path == "reference" else path  # without triton the rules say reference: model fused
 
 

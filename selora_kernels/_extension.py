@@ -25,6 +25,8 @@ import threading
 import warnings
 from pathlib import Path
 
+import torch
+
 from ._cuda_home import find_cuda_home
 
 __all__ = ["extension_status", "has_extension", "load_extension", "EXTENSION_ENV", "JIT_LIBRARY_NAME"]
@@ -51,8 +53,6 @@ def _mode() -> str:
 
 
 def _namespace_registered() -> bool:
-    import torch
-
     try:
         torch.ops.selora_ext.adam_step_  # noqa: B018 (lookup raises when not registered)
     except (AttributeError, RuntimeError):
@@ -61,7 +61,8 @@ def _namespace_registered() -> bool:
 
 
 def _try_aot() -> None:
-    import selora_kernels._C  # noqa: F401, PLC0415 (registers torch.ops.selora_ext)
+    # optional compiled library, present only after `pip install`; importing it registers torch.ops.selora_ext
+    import selora_kernels._C  # noqa: F401, PLC0415
 
 
 def _jit_sources(with_cuda: bool) -> list[Path]:
@@ -80,8 +81,8 @@ def _cache_root() -> Path:
 
 
 def _try_jit() -> None:
-    import torch
-    import torch.utils.cpp_extension as cpp_extension
+    # heavy (pulls in setuptools) and needed only by the JIT route
+    import torch.utils.cpp_extension as cpp_extension  # noqa: PLC0415
 
     if not (_CSRC / "selora_ops.cpp").exists():
         raise RuntimeError(f"C++ sources not found under {_CSRC} (installed without the repository?)")

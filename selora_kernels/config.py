@@ -6,10 +6,21 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 SCALING_MODES = ("fixed_init", "alpha_over_r")
+# "released_script": the rule and the adapted layers of the paper's released training script.
+TRIAL_MODES = ("same_backward", "released_script")
+TARGET_PRESETS = ("released_script", "all_linear")
+# The released-script mode was first named "reference_code"; that spelling is still accepted for one
+# release, and normalised on construction so that "reference" means only the float64 oracle (ops/reference.py).
+MODE_ALIASES = {"reference_code": "released_script"}
 
 # Kernels pad the live slots plus the one trial slot to a multiple of the MMA width (16): a capacity of
-# 16k - 1 keeps the trial slot inside the same padded block (KERNEL_NOTES section 8.2).
+# 16k - 1 keeps the trial slot inside the same padded block (docs/kernel_design.md).
 SLOT_BLOCK = 16
+
+
+def canonical_mode(name):
+    """The current spelling of a trial mode or target preset (old aliases mapped); anything else unchanged."""
+    return MODE_ALIASES.get(name, name) if isinstance(name, str) else name
 
 
 def default_capacity(rank: int) -> int:
@@ -46,10 +57,11 @@ class SeLoRAConfig:
     """What to adapt and how adapters grow.
 
     r_init, alpha, capacity, scaling: per-module adapter options (SeLoRALinear).
-    threshold (lambda), interval (t), max_rank: the expansion test (SELORA_SPEC section 2-3).
+    threshold (lambda), interval (t), max_rank: the expansion test (docs/algorithm.md).
     trial: "same_backward" (library default: per-sample Fisher of a trial slot in the training backward)
-    or "reference_code" (the released script's rule).
-    target_modules: a preset name ("reference_code", "all_linear") or a list of name patterns.
+    or "released_script" (the released script's rule).
+    target_modules: a preset name ("released_script", "all_linear") or a list of name patterns.
+    The old spelling "reference_code" of "released_script" is accepted and normalised here.
     """
 
     r_init: int = 1
@@ -60,10 +72,12 @@ class SeLoRAConfig:
     interval: int = 40
     max_rank: Optional[int] = None
     trial: str = "same_backward"
-    target_modules: object = "reference_code"
+    target_modules: object = "released_script"
     exclude_modules: list = field(default_factory=list)
 
     def __post_init__(self):
+        self.trial = canonical_mode(self.trial)
+        self.target_modules = canonical_mode(self.target_modules)
         validate_adapter_options(self.r_init, self.alpha, self.capacity, self.scaling)
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold)
                 and self.threshold > 0):
@@ -72,5 +86,5 @@ class SeLoRAConfig:
             raise ValueError(f"interval (t) must be an int >= 1, got {self.interval!r}")
         if self.max_rank is not None and (not isinstance(self.max_rank, int) or self.max_rank < self.r_init):
             raise ValueError(f"max_rank must be None or an int >= r_init ({self.r_init}), got {self.max_rank!r}")
-        if self.trial not in ("same_backward", "reference_code"):
-            raise ValueError(f"trial must be 'same_backward' or 'reference_code', got {self.trial!r}")
+        if self.trial not in TRIAL_MODES:
+            raise ValueError(f"trial must be one of {TRIAL_MODES}, got {self.trial!r}")

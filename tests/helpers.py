@@ -19,8 +19,7 @@ def fill_live_slots(module, rank: int, generator: torch.Generator) -> None:
         module.lora_A[:rank] = torch.randn(rank, module.in_features, generator=generator).to(module.lora_A.dtype)
         module.lora_B[:, :rank] = torch.randn(module.out_features, rank, generator=generator).to(
             module.lora_B.dtype)
-        module.live_rank.fill_(rank)
-    module._rank = rank
+    module.set_live_rank(rank)
 
 
 def reference_output(module, x: torch.Tensor) -> torch.Tensor:

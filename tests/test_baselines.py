@@ -5,14 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from selora_kernels.baselines import AdaLoRAMethod, DyLoRALinear, DyLoRAMethod, LoRAMethod, build_baseline
+from selora_kernels.methods import METHODS, AdaLoRAMethod, DyLoRALinear, DyLoRAMethod, LoRAMethod, make_method
 
 TOTAL_STEPS = 5
 
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    from selora_kernels.training.tiny_pipeline import build_tiny_pipeline
+    from selora_kernels.data.tiny_pipeline import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=0)
 
@@ -83,7 +83,7 @@ def test_trainable_counts_rank4(tiny_pipe, name):
     unet, text_encoder = fresh_parts(tiny_pipe)
     base = {"unet": sum(p.numel() for p in unet.parameters()),
             "text_encoder": sum(p.numel() for p in text_encoder.parameters())}
-    method = build_baseline(name)
+    method = make_method(name)
     names = inject(method, unet, text_encoder)
     report = method.parameter_report()
     for part, model in (("unet", tiny_pipe.unet), ("text_encoder", tiny_pipe.text_encoder)):
@@ -220,7 +220,7 @@ def test_adalora_needs_total_steps(tiny_pipe):
 def test_saved_adapter_loads_into_diffusers(tiny_pipe, tmp_path, name):
     """The saved file, loaded by pipe.load_lora_weights, reproduces the trained method's inference output."""
     unet, text_encoder = fresh_parts(tiny_pipe)
-    method = build_baseline(name, **({"init_r": 6, "target_r": 2, "total_steps": 3} if name == "adalora" else {}))
+    method = make_method(name, **({"init_r": 6, "target_r": 2, "total_steps": 3} if name == "adalora" else {}))
     inject(method, unet, text_encoder)
     # AdaLoRA here without attach: after_step itself allocates, before zero_grad
     train(method, unet, text_encoder, 3, trainer_order=name != "adalora")
@@ -246,24 +246,21 @@ def test_inject_errors():
         LoRAMethod(rank=0)
     with pytest.raises(RuntimeError, match="inject"):
         LoRAMethod().trainable_parameters()
-    with pytest.raises(ValueError, match="unknown baseline"):
-        build_baseline("vera")
+    with pytest.raises(ValueError, match="unknown adapter method"):
+        make_method("vera")
 
 
 def test_save_load_and_registration(tiny_pipe, tmp_path):
-    from selora_kernels.baselines import register_baselines
     from selora_kernels.config import SeLoRAConfig
 
-    registry = {}
-    register_baselines(lambda name, factory: registry.__setitem__(name, factory))
-    assert sorted(registry) == ["adalora", "dylora", "lora"]
-    method = registry["adalora"](SeLoRAConfig(), seed=0, total_steps=4)
+    assert sorted(METHODS) == ["adalora", "dylora", "lora", "selora"]
+    method = make_method("adalora", SeLoRAConfig(), seed=0, total_steps=4)
     assert isinstance(method, AdaLoRAMethod) and method.total_steps == 4
-    trained = registry["lora"](SeLoRAConfig(), seed=0)
+    trained = make_method("lora", SeLoRAConfig(), seed=0)
     inject(trained, *fresh_parts(tiny_pipe))
     train(trained, *[trained.components[p] for p in ("unet", "text_encoder")], 1)
     trained.save(tmp_path / "adapter.safetensors", extra_metadata={"step": 1})
-    fresh = registry["lora"](SeLoRAConfig(), seed=0)
+    fresh = make_method("lora", SeLoRAConfig(), seed=0)
     inject(fresh, *fresh_parts(tiny_pipe))
     assert fresh.load(tmp_path / "adapter.safetensors") == {"step": 1}
     for key, value in trained.adapter_tensors().items():
@@ -290,7 +287,7 @@ def test_adalora_skipped_fp16_step_skips_allocation(tiny_pipe, caplog):
     method.attach(optimizer)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
     some_a = next(p for n, p in unet.named_parameters() if "lora_A" in n)
-    with caplog.at_level(logging.DEBUG, logger="selora_kernels.baselines.adalora"):
+    with caplog.at_level(logging.DEBUG, logger="selora_kernels.methods.adalora"):
         for step in range(3):
             method.before_forward(step)
             scaler.scale(step_loss(unet, text_encoder, seed=step) + method.extra_loss()).backward()

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from selora_kernels.training.finetune import FinetuneOptions, run_finetune
-from selora_kernels.training.tiny_pipeline import build_tiny_pipeline
+from selora_kernels.config import SeLoRAConfig
+from selora_kernels.data.tiny_pipeline import build_tiny_pipeline
+from selora_kernels.experiments.finetune import FinetuneOptions, run_finetune
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,7 +26,8 @@ def tiny_folder(tmp_path_factory):
 def options(folder, out, **overrides):
     # 8 synthetic images -> 6 train, batch 2 -> 3 steps an epoch
     values = dict(output_dir=str(out), pretrained=str(folder), dataset="synthetic", synthetic_count=8,
-                  resolution=32, epochs=2, batch_size=2, interval=3, threshold=1.0, seed=0, progress=False)
+                  resolution=32, epochs=2, batch_size=2, selora=SeLoRAConfig(interval=3, threshold=1.0), seed=0,
+                  progress=False)
     values.update(overrides)
     return FinetuneOptions(**values)
 

@@ -275,7 +275,7 @@ def test_drop_in_diffusers_loop_and_load_lora_weights(tmp_path):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     from selora_kernels.integrations.adapter_io import export_peft_lora, peft_metadata, peft_state_dict
-    from selora_kernels.training.tiny_pipeline import build_tiny_pipeline
+    from selora_kernels.data.tiny_pipeline import build_tiny_pipeline
 
     base = tmp_path / "base"
     pipe = build_tiny_pipeline(base, seed=0)

@@ -8,7 +8,7 @@ import torch
 from torch.func import grad, vmap
 
 from selora_kernels import SeLoRALinear
-from selora_kernels.ops.reference import FISHER_COL_NONFINITE, FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT
+from selora_kernels.fisher_stats import FISHER_COL_NONFINITE, FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT
 
 from helpers import fill_live_slots
 

@@ -163,7 +163,7 @@ def test_alpha_over_r_rescales_b_so_output_does_not_jump():
     fill_live_slots(module, 1, gen)
     x = torch.randn(3, 6, generator=gen)
     before = module(x)
-    module.expand(seed=0)
+    expand_modules([module], seed=0)
     assert module.scale == 4.0
     torch.testing.assert_close(module(x), before, rtol=1e-6, atol=1e-6)
 
@@ -172,7 +172,7 @@ def test_state_dict_round_trip_adopts_rank_and_capacity():
     gen = torch.Generator().manual_seed(5)
     trained = SeLoRALinear(6, 4, capacity=2)
     fill_live_slots(trained, 2, gen)
-    trained.expand(seed=0)  # rank 3, capacity grown to 5
+    expand_modules([trained], seed=0)  # rank 3, capacity grown to 5
     fresh = SeLoRALinear(6, 4)
     fresh.weight.data.copy_(trained.weight)
     fresh.bias.data.copy_(trained.bias)
@@ -204,7 +204,7 @@ def test_growth_past_default_capacity_is_bit_identical(dtype):
     fill_live_slots(module, 15, gen)
     x = torch.randn(4, 3, 24, generator=gen).to(dtype)
     before = module(x)
-    module.expand(seed=1)
+    expand_modules([module], seed=1)
     assert module.capacity == 31 and module.rank == 16
     assert torch.equal(module(x), before)
 
@@ -212,7 +212,7 @@ def test_growth_past_default_capacity_is_bit_identical(dtype):
 def test_deepcopy_and_pickle_keep_the_adapter_registration(tmp_path):
     import copy
 
-    from selora_kernels.optim.adapter_registry import slot_dim_of
+    from selora_kernels.nn.slots import slot_dim_of
 
     model = torch.nn.Sequential(SeLoRALinear(6, 4, capacity=2))
     clone = copy.deepcopy(model)
@@ -249,8 +249,8 @@ def test_optimizer_state_dict_round_trip_keeps_fp32_slot_steps_for_bf16_adapters
 def test_alpha_over_r_scale_follows_the_loaded_rank():
     gen = torch.Generator().manual_seed(6)
     trained = SeLoRALinear(8, 6, capacity=4, scaling="alpha_over_r")
-    trained.expand(seed=0)
-    trained.expand(seed=1)
+    expand_modules([trained], seed=0)
+    expand_modules([trained], seed=1)
     with torch.no_grad():
         trained.lora_B[:, :3] = torch.randn(6, 3, generator=gen)
     fresh = SeLoRALinear(8, 6, capacity=4, scaling="alpha_over_r")

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from selora_kernels import SeLoRAConfig, SeLoRALinear
-from selora_kernels.integrations.targets import inject_selora, live_parameter_count, selora_modules
+from selora_kernels import SeLoRAConfig, SeLoRALinear, selora_modules
+from selora_kernels.integrations.targets import inject_selora, live_parameter_count
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,

@@ -118,7 +118,7 @@ class _StubEvaluator:
 
 def stub_comparison(monkeypatch, calls):
     """run_comparison with fine-tuning, generation, evaluation and the report stubbed out (seconds)."""
-    from selora_kernels.evaluation import comparison
+    from selora_kernels.experiments import compare as comparison
 
     def fake_generate(pipe, prompts, seeds, root, **kwargs):
         calls.append(kwargs)
@@ -179,8 +179,8 @@ def test_evaluation_split_checks_images_like_training_and_closes_files(tmp_path)
 
     import numpy as np
 
-    from selora_kernels.evaluation.comparison import CompareOptions, evaluation_split
-    from selora_kernels.training.data import load_split_records
+    from selora_kernels.data.datasets import load_split_records
+    from selora_kernels.experiments.compare import CompareOptions, evaluation_split
 
     data = tmp_path / "data"
     data.mkdir()
@@ -208,7 +208,7 @@ def test_generation_uses_the_tiny_pipeline_saved_with_the_run(tmp_path, monkeypa
     from diffusers import StableDiffusionPipeline
 
     from selora_kernels.evaluation import generation
-    from selora_kernels.training.tiny_pipeline import build_tiny_pipeline
+    from selora_kernels.data.tiny_pipeline import build_tiny_pipeline
 
     monkeypatch.setattr(StableDiffusionPipeline, "load_lora_weights", lambda self, adapter: None)
     run = tmp_path / "run"

@@ -30,7 +30,7 @@ def _tool():
 
 
 def test_every_launch_config_passes_the_static_check(tmp_path):
-    from selora_kernels.kernels import configs
+    from selora_kernels.kernels import launch_table
 
     report_path = tmp_path / "static_triton.json"
     result = subprocess.run([sys.executable, str(TOOL), "--jobs", "2", "--quiet", "--json", str(report_path)],
@@ -40,7 +40,7 @@ def test_every_launch_config_passes_the_static_check(tmp_path):
     failing = [f"{r['config']} {r['arch']}: {r['problems']}" for r in report["records"] if r["problems"]]
     assert not failing, "static check failures:\n" + "\n".join(failing)
     assert result.returncode == 0, result.stderr[-3000:]
-    expected = len(list(configs.all_launch_configs())) * 2
+    expected = len(list(launch_table.all_launch_configs())) * 2
     assert len(report["records"]) == expected
     assert report["versions"]["triton"] and report["versions"]["torch"]
     for record in report["records"]:
@@ -51,11 +51,11 @@ def test_every_launch_config_passes_the_static_check(tmp_path):
 
 def test_calibration_spilling_config_is_flagged():
     """A forward config known to spill (128 x 128 tile on 4 warps, R_PAD 32): the check must say so."""
-    from selora_kernels.kernels import configs
+    from selora_kernels.kernels import _aot
 
     tool = _tool()
     for arch in (80, 90):
-        record = tool.compile_and_inspect(configs.spilling_forward_config(), arch)
+        record = tool.compile_and_inspect(_aot.spilling_forward_config(), arch)
         assert any(p.startswith("spill") for p in record["problems"]), record
         assert record["stack_bytes"] > 0
 
@@ -64,11 +64,11 @@ def test_calibration_naive_issue_config_is_reported():
     """Issue 7's naive fused forward (BM = BN = 128, BK = 64, rank 16, 8 warps, 3 stages, bf16) measured
     255 registers and 208 B (sm_90) / 168 B (sm_80) of stack for its kernel. This library's forward at the
     same tile sizes is a different kernel; the check reports its numbers and flags a spill if there is one."""
-    from selora_kernels.kernels import configs
+    from selora_kernels.kernels import _aot
 
     tool = _tool()
     for arch in (80, 90):
-        record = tool.compile_and_inspect(configs.naive_forward_config(), arch)
+        record = tool.compile_and_inspect(_aot.naive_forward_config(), arch)
         print(arch, record["registers"], record["stack_bytes"], record["problems"])
         assert "registers" in record, record["problems"]
         spilled = record["stack_bytes"] > 0 or record["local_bytes"] > 0
@@ -76,20 +76,20 @@ def test_calibration_naive_issue_config_is_reported():
 
 
 def test_calibration_shared_memory_and_tensor_core_rules():
-    from selora_kernels.kernels import configs
+    from selora_kernels.kernels.launch_table import Blocks, LaunchConfig, blocks_for
 
     tool = _tool()
     # fp32 128 x 256 x 64 tiles in 4 stages need ~400 KB of shared memory: over both limits.
-    too_big = configs.LaunchConfig("forward", "fp32", 16, configs.Blocks(128, 256, 64, 8, 4), "calibration",
-                                   (("DOT_PRECISION", "tf32"), ("HAS_BIAS", True)))
+    too_big = LaunchConfig("forward", "fp32", 16, Blocks(128, 256, 64, 8, 4), "calibration",
+                           (("DOT_PRECISION", "tf32"), ("HAS_BIAS", True)))
     record = tool.compile_and_inspect(too_big, 90)
     assert any("shared memory" in p for p in record["problems"]), record
     # IEEE fp32 dots have no tensor-core path: zero HMMA/HGMMA, and the rule knows to expect none.
-    ieee = configs.LaunchConfig("segment_reduce", "fp32", 16, configs.blocks_for("segment_reduce", "fp32"), "any",
-                                (("DOT_PRECISION", "ieee"),))
+    ieee = LaunchConfig("segment_reduce", "fp32", 16, blocks_for("segment_reduce", "fp32"), "any",
+                        (("DOT_PRECISION", "ieee"),))
     record = tool.compile_and_inspect(ieee, 80)
     assert record["tensor_core_count"] == 0 and not record["expects_tensor_cores"] and not record["problems"]
-    tf32 = configs.LaunchConfig("segment_reduce", "fp32", 16, configs.blocks_for("segment_reduce", "fp32"), "any",
-                                (("DOT_PRECISION", "tf32"),))
+    tf32 = LaunchConfig("segment_reduce", "fp32", 16, blocks_for("segment_reduce", "fp32"), "any",
+                        (("DOT_PRECISION", "tf32"),))
     record = tool.compile_and_inspect(tf32, 80)
     assert record["tensor_core_count"] > 0 and record["expects_tensor_cores"]

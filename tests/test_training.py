@@ -9,13 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from selora_kernels.training import data as data_mod
-from selora_kernels.training.data import (Record, build_datasets, check_images, load_folder_records,
-                                          load_iu_xray_records, load_montgomery_records, preprocess_image,
-                                          split_records, tokenize)
-from selora_kernels.training.finetune import FinetuneOptions, run_finetune
-from selora_kernels.training.heatmaps import rank_grids
-from selora_kernels.training.tiny_pipeline import build_tiny_pipeline
+from selora_kernels.config import SeLoRAConfig
+from selora_kernels.data import records as data_mod
+from selora_kernels.data.datasets import build_datasets, load_split_records
+from selora_kernels.data.records import (Record, check_images, load_folder_records, load_iu_xray_records,
+                                         load_montgomery_records, preprocess_image, split_records, tokenize)
+from selora_kernels.data.tiny_pipeline import build_tiny_pipeline
+from selora_kernels.evaluation.heatmaps import rank_grids
+from selora_kernels.experiments.finetune import FinetuneOptions, run_finetune
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,9 +131,10 @@ def test_heatmap_grids():
 
 
 # ---------------------------------------------------------------------------- fine-tune, resume, checkpoints
-def options(tiny_folder, out, **overrides):
+def options(tiny_folder, out, threshold=1.0, **overrides):
     values = dict(output_dir=str(out), pretrained=str(tiny_folder), dataset="synthetic", synthetic_count=8,
-                  resolution=32, epochs=2, batch_size=2, interval=2, threshold=1.0, seed=0, progress=False)
+                  resolution=32, epochs=2, batch_size=2, selora=SeLoRAConfig(interval=2, threshold=threshold),
+                  seed=0, progress=False)
     values.update(overrides)
     return FinetuneOptions(**values)
 
@@ -216,14 +218,14 @@ def write_iu_xray(root, n_reports=30, images_per_report=2):
 
 def test_iu_xray_splits_by_report_not_by_image(tmp_path):
     write_iu_xray(tmp_path)
-    splits = data_mod.load_split_records("iu_xray", tmp_path)
+    splits = load_split_records("iu_xray", tmp_path)
     assert len(splits) == 3 and sum(len(s) for s in splits) == 60
     uids = [{r.image.name.split("_")[0] for r in split} for split in splits]
     assert all(not (uids[i] & uids[j]) for i in range(3) for j in range(i + 1, 3))  # no report in two splits
     assert all(len(split) == 2 * len(u) for split, u in zip(splits, uids))  # a report's images stay together
     assert [len(u) for u in uids] == [24, 5, 1]  # fractions (0.8, 0.16, 0.04) of the 30 reports
-    assert splits == data_mod.load_split_records("iu_xray", tmp_path)  # seeded
-    assert splits != data_mod.load_split_records("iu_xray", tmp_path, split_seed=7)
+    assert splits == load_split_records("iu_xray", tmp_path)  # seeded
+    assert splits != load_split_records("iu_xray", tmp_path, split_seed=7)
     records, record_uids = load_iu_xray_records(tmp_path, return_uids=True)
     assert len(records) == len(record_uids) == 60 and record_uids[:2] == ["0", "0"]
     with pytest.raises(ValueError, match=r"the validation split is empty: 3 groups \(6 records\)"):

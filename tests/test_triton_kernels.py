@@ -8,8 +8,8 @@ How this file runs:
   before triton is first imported - and the rest of the suite imports triton without it. So on CPU the
   only test collected in the main process, `test_interpreter_suite`, reruns this file in a fresh
   `python -m pytest` subprocess with TRITON_INTERPRET=1 and SELORA_TRITON_INTERPRETER_CHILD=1, where the
-  kernel tests run on CPU tensors with fp32 (IEEE dots) and fp16 only (the interpreter's bf16 tl.dot is
-  wrong, KERNEL_NOTES section 9.6) and small shapes. Run the child directly with
+  kernel tests run on CPU tensors with fp32 (IEEE dots) and fp16 only (the interpreter's bf16 tl.dot
+  multiplies the raw 16-bit patterns) and small shapes. Run the child directly with
       TRITON_INTERPRET=1 SELORA_TRITON_INTERPRETER_CHILD=1 python -m pytest tests/test_triton_kernels.py
 """
 from __future__ import annotations
@@ -232,7 +232,8 @@ def test_backward_is_deterministic():
 def test_backward_counts_non_finite_input_rows(rows_per_sample):
     """While measuring, rows of x holding inf/NaN are counted into fisher[2, 1], as the reference does."""
     from selora_kernels.kernels.selora_linear_backward import selora_linear_backward_triton
-    from selora_kernels.ops.reference import FISHER_COL_NONFINITE, backward_reference
+    from selora_kernels.fisher_stats import FISHER_COL_NONFINITE
+    from selora_kernels.ops.reference import backward_reference
 
     case = make_case(2, rows_per_sample, 24, 20, 15, 3, torch.float32, seed=11)
     bad_rows = [0, rows_per_sample + 5, 2 * rows_per_sample - 1]
@@ -283,9 +284,8 @@ def test_leading_shapes_through_the_cuda_impl(leading):
     flat = x3.reshape(-1, 24)
     cuda_impl.force_path("forward", "fused")
     try:
-        y = cuda_impl.selora_linear_cuda(flat, case["weight"], case["bias"], case["lora_a"], case["lora_b"],
-                                         case["trial_row"], case["live_rank"], None, 0.5, num_samples,
-                                         float(num_samples), True)
+        y = cuda_impl.forward_cuda(flat, case["weight"], case["bias"], case["lora_a"], case["lora_b"], 0.5,
+                                   case["live_rank"])
     finally:
         cuda_impl.force_path("forward", None)
     assert cuda_impl.last_paths()["forward"] == "fused"
@@ -293,9 +293,9 @@ def test_leading_shapes_through_the_cuda_impl(leading):
     assert_rel_close(y.reshape(*leading, 20), forward_reference(
         ref["x"], ref["weight"], ref["bias"], ref["lora_a"], ref["lora_b"], 0.5).reshape(*leading, 20),
         REL_TOL[dtype], "y")
-    out = cuda_impl.selora_linear_backward_cuda(case["grad_y"], flat, case["weight"], case["lora_a"],
-                                                case["lora_b"], case["trial_row"], case["live_rank"], 0.5,
-                                                num_samples, float(num_samples), True, True)
+    out = cuda_impl.backward_cuda(case["grad_y"], flat, case["weight"], case["lora_a"], case["lora_b"],
+                                  case["trial_row"], case["live_rank"], 0.5, num_samples, float(num_samples),
+                                  True, True)
     assert cuda_impl.last_paths()["backward"] == "fused"
     expected = backward_reference(ref["grad_y"], ref["x"], ref["weight"], ref["lora_a"], ref["lora_b"],
                                   ref["trial_row"], ref["live_rank"], 0.5, num_samples, float(num_samples),
@@ -349,7 +349,7 @@ def test_rank_change_reuses_the_compiled_kernels():
     from selora_kernels.kernels import selora_linear_forward as fwd
 
     kernels = [fwd._fused_lowrank_matmul_kernel, bwd._shrink_kernel, bwd._segment_reduce_kernel,
-               bwd._finalize_kernel]
+               bwd._finalize_grad_and_fisher_kernel]
     recorders = [_LaunchRecorder(k) for k in kernels]
     try:
         keys_per_rank = []
@@ -376,12 +376,12 @@ def test_choose_forward_path_table():
 
     if not cuda_impl.TRITON_AVAILABLE:
         pytest.skip("triton missing: everything takes the reference path")
-    assert cuda_impl.choose_forward_path(616, 768, 320, 15, torch.bfloat16, True) == "fused"  # text k/v
-    assert cuda_impl.choose_forward_path(8, 1280, 320, 15, torch.bfloat16, True) == "fused"  # time_emb
-    assert cuda_impl.choose_forward_path(32768, 320, 320, 15, torch.bfloat16, True) == "fused"
-    assert cuda_impl.choose_forward_path(32768, 1280, 1280, 15, torch.bfloat16, True) == "merged"
-    assert cuda_impl.choose_forward_path(64, 64, 64, 63, torch.float16, False) == "reference"  # capacity
-    assert cuda_impl.choose_forward_path(64, 64, 64, 15, torch.float64, False) == "reference"
+    assert cuda_impl.choose_forward_path(616, 768, 320, 15, torch.bfloat16) == "fused"  # text k/v
+    assert cuda_impl.choose_forward_path(8, 1280, 320, 15, torch.bfloat16) == "fused"  # time_emb
+    assert cuda_impl.choose_forward_path(32768, 320, 320, 15, torch.bfloat16) == "fused"
+    assert cuda_impl.choose_forward_path(32768, 1280, 1280, 15, torch.bfloat16) == "merged"
+    assert cuda_impl.choose_forward_path(64, 64, 64, 63, torch.float16) == "reference"  # capacity
+    assert cuda_impl.choose_forward_path(64, 64, 64, 15, torch.float64) == "reference"
     with pytest.raises(ValueError):
         cuda_impl.force_path("forward", "fast")
 
@@ -393,14 +393,13 @@ def test_merged_and_reference_paths_match(dtype):
     from selora_kernels.ops.reference import forward_reference
 
     case = make_case(2, 9, 24, 20, 15, 4, dtype, seed=8)
-    args = (case["x"], case["weight"], case["bias"], case["lora_a"], case["lora_b"], case["trial_row"],
-            case["live_rank"], None, 0.5, 2, 2.0, False)
+    args = (case["x"], case["weight"], case["bias"], case["lora_a"], case["lora_b"], 0.5, case["live_rank"])
     ref = f64(case)
     expected = forward_reference(ref["x"], ref["weight"], ref["bias"], ref["lora_a"], ref["lora_b"], 0.5)
     try:
         for path in cuda_impl.FORWARD_PATHS:
             cuda_impl.force_path("forward", path)
-            y = cuda_impl.selora_linear_cuda(*args)
+            y = cuda_impl.forward_cuda(*args)
             assert cuda_impl.last_paths()["forward"] == path
             assert y.dtype == dtype
             assert_rel_close(y, expected, REL_TOL[dtype], f"y ({path})")
@@ -431,19 +430,17 @@ def test_module_on_gpu_uses_the_fused_kernels(dtype):
 
 @needs_gpu
 def test_opcheck_on_cuda():
-    from selora_kernels.ops.selora_linear import selora_linear, selora_linear_backward
+    from selora_kernels.ops.selora_linear import linear, linear_backward
 
     for dtype in (torch.float32, torch.bfloat16):
         case = make_case(2, 8, 32, 24, 15, 3, dtype)
-        probe = torch.zeros(3, 16, device="cuda", requires_grad=True)
         x = case["x"].clone().requires_grad_(True)
         lora_a = case["lora_a"].clone().requires_grad_(True)
         lora_b = case["lora_b"].clone().requires_grad_(True)
-        torch.library.opcheck(selora_linear, (x, case["weight"], case["bias"], lora_a, lora_b, case["trial_row"],
-                                              case["live_rank"], probe, 0.5, 2, 2.0, True))
-        torch.library.opcheck(selora_linear_backward, (case["grad_y"], case["x"], case["weight"], case["lora_a"],
-                                                       case["lora_b"], case["trial_row"], case["live_rank"], 0.5,
-                                                       2, 2.0, True, True))
+        torch.library.opcheck(linear, (x, case["weight"], case["bias"], lora_a, lora_b, 0.5, case["live_rank"]))
+        torch.library.opcheck(linear_backward, (case["grad_y"], case["x"], case["weight"], case["lora_a"],
+                                                case["lora_b"], case["trial_row"], case["live_rank"], 0.5,
+                                                2, 2.0, True, True))
 
 
 @needs_gpu
@@ -453,7 +450,7 @@ def test_compiled_training_step_survives_growth_without_recompiling():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from selora_kernels import SeLoRALinear
+    from selora_kernels import SeLoRALinear, expand_modules
 
     torch.manual_seed(0)
     torch._dynamo.reset()
@@ -473,7 +470,7 @@ def test_compiled_training_step_survives_growth_without_recompiling():
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
     frames_before = counters["stats"]["unique_graphs"]
-    module.expand(seed=1)  # rank 1 -> 2 within capacity 15
+    expand_modules([module], seed=1)  # rank 1 -> 2 within capacity 15
     assert module.rank == 2
     for _ in range(3):
         loss = compiled(x)

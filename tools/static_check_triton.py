@@ -1,7 +1,8 @@
 """Static check of every SeLoRA Triton launch configuration, compiled ahead of time (no GPU needed).
 
-For each config of `selora_kernels.kernels.configs.all_launch_configs()` and each target (sm_80, sm_90):
-`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, write the cubin, read registers,
+For each config of `selora_kernels.kernels.launch_table.all_launch_configs()` and each target (sm_80, sm_90):
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` with the spec of
+`selora_kernels.kernels._aot.aot_spec`, write the cubin, read registers,
 stack and local memory with `cuobjdump --dump-resource-usage`, count tensor-core instructions in the
 `nvdisasm` SASS (HMMA on sm_80; HGMMA - Triton 3.x emits wgmma on sm_90 - or HMMA on sm_90), and take the
 dynamic shared memory from the compiled metadata. A config fails on:
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import importlib
 import json
 import re
 import subprocess
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from selora_kernels.kernels import configs  # noqa: E402  (pure data, no triton import)
+from selora_kernels.kernels import _aot, launch_table  # noqa: E402
 
 ARCHS = (80, 90)
 SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes per block, opt-in maximum
@@ -50,18 +50,12 @@ def _nvidia_bin(tool: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
 
 
-def _aot_spec(config: configs.LaunchConfig):
-    module_name, _, _ = configs.KERNELS[config.kernel]
-    module = importlib.import_module(f"selora_kernels.kernels.{module_name}")
-    return module.aot_spec(config)
-
-
-def _expects_tensor_cores(config: configs.LaunchConfig) -> bool:
-    uses_dot = configs.KERNELS[config.kernel][2]
+def _expects_tensor_cores(config: launch_table.LaunchConfig) -> bool:
+    uses_dot = launch_table.KERNELS[config.kernel][2]
     return uses_dot and dict(config.flags).get("DOT_PRECISION") != "ieee"
 
 
-def compile_and_inspect(config: configs.LaunchConfig, arch: int) -> dict:
+def compile_and_inspect(config: launch_table.LaunchConfig, arch: int) -> dict:
     """Compiles one config for one arch and returns its resource record (problems listed in 'problems')."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -71,7 +65,7 @@ def compile_and_inspect(config: configs.LaunchConfig, arch: int) -> dict:
                   blocks=dict(vars(config.blocks)), arch=f"sm_{arch}", problems=[])
     start = time.perf_counter()
     try:
-        fn, signature, constexprs, attrs = _aot_spec(config)
+        fn, signature, constexprs, attrs = _aot.aot_spec(config)
         source = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                   options=dict(num_warps=config.blocks.num_warps,
@@ -88,7 +82,7 @@ def compile_and_inspect(config: configs.LaunchConfig, arch: int) -> dict:
                                capture_output=True, text=True, check=True).stdout
         # nvdisasm costs ~0.5-1 s per cubin: only kernels with a tl.dot need their SASS read
         sass = ""
-        if configs.KERNELS[config.kernel][2]:
+        if launch_table.KERNELS[config.kernel][2]:
             sass = subprocess.run([_nvidia_bin("nvdisasm"), "-c", "-ndf", str(cubin)],
                                   capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
@@ -161,7 +155,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="print only failures and the summary")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    config_list = list(configs.all_launch_configs())
+    config_list = list(launch_table.all_launch_configs())
     records = run_checks(config_list, jobs=args.jobs)
     failures = [r for r in records if r["problems"]]
     table = format_table(failures if args.quiet else records)

@@ -1,6 +1,6 @@
-"""Images for evaluation: one per test prompt, 50 sampler steps, guidance 7.5, fixed seeds (SELORA_SPEC 5).
+"""Images for evaluation: one per test prompt, 50 sampler steps, guidance 7.5, fixed seeds (the paper's protocol).
 
-Image i of a run with seed s is drawn from its own generator seeded with (s, i), so it does not depend on the
+Image i of a run with seed s is drawn from its own generator seeded with seed_mix(s, i), so it does not depend on the
 batch size or on which other prompts are in the batch. Works with any StableDiffusionPipeline (SD 1.5 from a
 local folder, or the tiny test pipeline). Output folder: 00000.png, ... plus metadata.jsonl (file_name, text,
 seed) -- the imagefolder layout that evaluation reads back. height/width go to the pipeline as given (None: the
@@ -20,16 +20,14 @@ from typing import List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..data.seeds import seed_mix
+from ..data.tiny_pipeline import build_tiny_pipeline
+
 logger = logging.getLogger(__name__)
 
 PAPER_STEPS = 50
 TINY_PIPELINE_DIR = "tiny_pipeline"  # run_finetune saves the tiny base pipeline under <run dir>/tiny_pipeline
 PAPER_GUIDANCE = 7.5
-
-
-def image_seed(seed: int, index: int) -> int:
-    """The generator seed of image `index` in a run with `seed`."""
-    return (int(seed) * 1_000_003 + int(index)) % (2**63)
 
 
 def generate_images(pipeline, prompts: Sequence[str], seed: int = 0, num_inference_steps: int = PAPER_STEPS,
@@ -48,7 +46,7 @@ def generate_images(pipeline, prompts: Sequence[str], seed: int = 0, num_inferen
     bar = tqdm(total=len(prompts), desc=f"generate (seed {seed})", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        generators = [torch.Generator(device=device).manual_seed(image_seed(seed, start + i))
+        generators = [torch.Generator(device=device).manual_seed(seed_mix(seed, start + i))
                       for i in range(len(batch))]
         with torch.no_grad():
             output = pipeline(batch, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -74,7 +72,7 @@ def save_images(images, prompts: Sequence[str], output_dir: str, seed: Optional[
         image.save(os.path.join(output_dir, name))
         row = {"file_name": name, "text": prompt}
         if seed is not None:
-            row["seed"] = image_seed(seed, index)
+            row["seed"] = seed_mix(seed, index)
         rows.append(row)
     tmp = os.path.join(output_dir, f".metadata.jsonl.tmp-{os.getpid()}")
     with open(tmp, "w") as handle:
@@ -113,15 +111,13 @@ def load_pipeline_with_adapter(pretrained: Optional[str] = None, adapter: Option
     from `adapter` when given. pretrained None: the tiny pipeline saved next to the adapter by fine-tuning
     (`saved_tiny_pipeline`), else the tiny pipeline built from configs with `seed` (with a warning: its random
     weights are the adapter's base only if fine-tuning ran with that seed)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # diffusers: imported when a pipeline is loaded (heavy)
 
     if pretrained is None:
         pretrained = saved_tiny_pipeline(adapter)
         if pretrained is not None:
             logger.info("base pipeline: the tiny pipeline fine-tuning saved at %s", pretrained)
     if pretrained is None:
-        from ..training.tiny_pipeline import build_tiny_pipeline
-
         if adapter is not None:
             logger.warning("no %s/ folder next to adapter %s (fine-tuning saves the tiny base pipeline in "
                            "<run dir>/%s): building the tiny pipeline from configs with seed %d, ASSUMING the "

@@ -19,13 +19,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
+
+from ..data.tiny_pipeline import write_tiny_tokenizer
 
 FID_DIMS = (64, 192, 2048)
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -74,6 +78,7 @@ class InceptionFeatures(nn.Module):
     def __init__(self, weights_path: Optional[str] = None, dims: Sequence[int] = FID_DIMS,
                  input_size: int = 299):
         super().__init__()
+        # torch-fidelity: imported when a metric is computed, not by everything that imports evaluation/
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         dims = tuple(int(d) for d in dims)
@@ -118,13 +123,11 @@ class _InceptionShell:
 
     @staticmethod
     def build():
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # heavy: imported on use
 
         class _RandomInception(FeatureExtractorInceptionV3):
             def load_state_dict(self, state_dict, strict=True, assign=False):
                 return None  # keep PyTorch's random init
-
-        import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             empty = os.path.join(tmp, "empty.pth")
@@ -192,8 +195,6 @@ def load_image_folder(folder: str, resolution: Optional[int] = None) -> Tuple[Li
     """PIL images of a folder (sorted by name) and their prompts when the folder has a metadata.jsonl
     (`file_name`, `text`; the imagefolder format that generation writes). resolution: resize the short side
     and centre-crop, as the training data is."""
-    from PIL import Image
-
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder {folder!r} does not exist")
     prompts_by_file = {}
@@ -220,8 +221,6 @@ def load_image_folder(folder: str, resolution: Optional[int] = None) -> Tuple[Li
 
 def resize_center_crop(image, resolution: int):
     """Short side to `resolution` (bicubic), then the centre `resolution` x `resolution` crop."""
-    from PIL import Image
-
     width, height = image.size
     scale = resolution / min(width, height)
     image = image.resize((max(resolution, round(width * scale)), max(resolution, round(height * scale))),
@@ -241,7 +240,7 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor, method:
     an n_a x n_b SVD instead of a d x d eigen-decomposition: seconds -> milliseconds at d = 2048 with a few
     hundred images, and no square roots of round-off negative eigenvalues. "auto": nuclear when N < d.
     """
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric  # heavy: imported on use
 
     for label, feats in (("features_a", features_a), ("features_b", features_b)):
         if feats.dim() != 2 or feats.shape[0] < 2:
@@ -269,7 +268,7 @@ def kernel_inception_distance(features_a: torch.Tensor, features_b: torch.Tensor
                               subset_size: int = 1000, seed: int = 2020) -> Tuple[float, float]:
     """KID (mean, std over subsets), torch-fidelity's polynomial-kernel unbiased MMD; the subset size is capped
     at the smaller set (small test sets)."""
-    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric  # heavy: imported on use
 
     size = min(subset_size, features_a.shape[0], features_b.shape[0])
     if size < 2:
@@ -337,7 +336,7 @@ def _embedding(output) -> torch.Tensor:
 
 def load_clip(path: Optional[str]):
     """CLIPModel and CLIPProcessor from a local folder; never downloads."""
-    from transformers import CLIPModel, CLIPProcessor
+    from transformers import CLIPModel, CLIPProcessor  # transformers: imported when CLIP is loaded (heavy)
 
     how = (f"This library never downloads weights. On a machine with internet: "
            f"`CLIPModel.from_pretrained('{DEFAULT_CLIP}').save_pretrained(DIR)` and "
@@ -360,11 +359,10 @@ def build_tiny_clip(folder: str, image_size: int = 32, seed: int = 0) -> str:
     """Saves a randomly initialised tiny CLIPModel and a processor with a byte-level tokenizer to `folder`.
 
     The tokenizer is the tiny pipeline's byte-level BPE one, written as files and reloaded with from_pretrained
-    (transformers 5 ignores vocab/merges file arguments in the constructor: ECOSYSTEM_NOTES).
+    (transformers 5 ignores vocab/merges file arguments in the constructor).
     """
+    # transformers: imported when CLIP is built (heavy)
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    from ..training.tiny_pipeline import write_tiny_tokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(os.path.join(folder, "tokenizer_files"))))
     vocab = tokenizer.get_vocab()

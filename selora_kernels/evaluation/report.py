@@ -3,7 +3,7 @@
 - Table like the paper's Tables 1/2: method x FID (2048), FID-64, FID-192, CLIP score (mean +- std over seeds),
   trainable parameters (% of UNet and of text encoder), peak memory, training time.
 - Lambda ablation like Table 3 (SeLoRA runs at lambda 1.0 / 1.1 / 1.3): FID, CLIP, final total rank.
-- Rank heatmaps per method with per-module ranks (Figures 3-4; training.heatmaps when present).
+- Rank heatmaps per method with per-module ranks (Figures 3-4; heatmaps.plot_rank_heatmaps).
 - Memory, loss and total rank over training steps (Figures 11-12), from the training CSV logs
   (columns step, loss, total_rank, rank:<module>..., step_time_s, peak_gpu_mem_mb; alternative names accepted).
 - A grid of real vs generated images per method for the same prompts.
@@ -22,6 +22,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .heatmaps import plot_rank_heatmaps  # noqa: E402
+from .metrics import load_image_folder  # noqa: E402
 
 METRIC_COLUMNS = (("fid", "FID"), ("fid_64", "FID-64"), ("fid_192", "FID-192"), ("clip_score", "CLIP score"))
 MEMORY_COLUMNS = ("peak_gpu_mem_mb", "peak_memory_mb", "peak_mem_mb", "memory_mb")
@@ -185,32 +188,9 @@ def plot_training_curves(logs: Dict[str, List[Dict[str, float]]], path) -> Optio
     return path
 
 
-def plot_ranks(ranks: Dict[str, int], path, title: str) -> Path:
-    """Rank heatmap (training.heatmaps, the paper's layout) or, without it, a bar chart per module."""
-    try:
-        from ..training.heatmaps import plot_rank_heatmaps
-    except ImportError:
-        plot_rank_heatmaps = None
-    path = Path(path)
-    if plot_rank_heatmaps is not None:
-        return Path(plot_rank_heatmaps(ranks, path, title=title))
-    names = sorted(ranks)
-    figure, axis = plt.subplots(figsize=(max(6, 0.12 * len(names)), 3))
-    axis.bar(range(len(names)), [ranks[n] for n in names])
-    axis.set_title(title)
-    axis.set_ylabel("rank")
-    axis.set_xticks([])
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
 def plot_sample_grid(runs: Sequence[MethodRun], path, real_dir: Optional[str] = None,
                      num_samples: int = 4) -> Optional[Path]:
     """Rows: real images (when given) then each method; columns: the first `num_samples` prompts."""
-    from .metrics import load_image_folder
-
     rows = []
     prompts: List[str] = []
     if real_dir is not None:
@@ -282,8 +262,8 @@ def write_report(runs: Sequence[MethodRun], output_dir, title: str = "SeLoRA vs 
     heatmaps = []
     for run in runs:
         if run.ranks:
-            path = plot_ranks(run.ranks, output / f"ranks_{_slug(run.name)}.png",
-                              title=f"{run.name}: ranks (total {sum(run.ranks.values())})")
+            path = plot_rank_heatmaps(run.ranks, output / f"ranks_{_slug(run.name)}.png",
+                                      title=f"{run.name}: ranks (total {sum(run.ranks.values())})")
             heatmaps.append((run.name, path))
     if heatmaps:
         lines += ["## Ranks per layer", ""]

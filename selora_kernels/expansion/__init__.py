@@ -1,1 +1,1 @@
-"""Fisher scoring, FI-Ratio decisions and the expansion controller."""
+"""Fisher scoring, FI-Ratio decisions, batched growth and the expansion controller."""

@@ -16,11 +16,12 @@ Modes (config.trial):
   buffer, zero B column) accumulated in the ordinary backward; FI-Ratio = FI(expanded) / FI(original);
   expansion adopts K. No extra pass. The trial slot never reaches the optimizer: K is a buffer and the
   zero B column is a dead slot (exactly zero gradient).
-- "reference_code": the released script: squared norm of the batch-mean gradient at theta_t (captured by an
-  optimizer pre-step hook) vs. the same after optimizer.step() on the same batch with the trial slot live
-  (a second forward/backward: `after_step(step, closure=...)`, the closure recomputes the loss on the same
-  batch/noise/timesteps); K is zero until a module's first expansion; a fresh row is adopted; the module's
-  whole optimizer state is reset on growth.
+- "released_script" (old spelling "reference_code"): the released script's rule (expansion/released_rule.py):
+  squared norm of the batch-mean gradient at theta_t (captured by an optimizer pre-step hook) vs. the same
+  after optimizer.step() on the same batch with the trial slot live (a second forward/backward:
+  `after_step(step, closure=...)`, the closure recomputes the loss on the same batch/noise/timesteps); K is
+  zero until a module's first expansion; a fresh row is adopted; the module's whole optimizer state is reset
+  on growth.
 
 AMP: pass the GradScaler (accelerate: `accelerator.scaler`): Fisher is divided by scale^2 and a step whose
 statistics or gradients are not finite is not decided (the test moves to the next step).
@@ -36,13 +37,14 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
-from ..config import SeLoRAConfig, next_capacity
-from ..nn.growth import expand_modules, grow_modules_
-from ..nn.selora_linear import SeLoRALinear, kaiming_bound, raise_on_nonfinite_inputs
-from ..ops.reference import FISHER_COL_NONFINITE, FISHER_ROW_COUNT
+from ..config import SeLoRAConfig, canonical_mode
+from ..fisher_stats import nonfinite_rows, raise_on_nonfinite_inputs
+from ..nn.selora_linear import SeLoRALinear, selora_modules
 from ..optim.state_growth import check_supported, unwrap_optimizer
-from .distributed import all_reduce_mean_, all_reduce_sum_, check_same_ranks, is_distributed
-from .fisher import batched_fisher_scores, squared_gradient_norms
+from .distributed import GrownGradientSync, all_reduce_sum_, check_same_ranks, is_distributed
+from .fisher import batched_fisher_scores
+from .growth import expand_modules
+from .released_rule import ReleasedScriptRule, draw_trial_rows
 
 logger = logging.getLogger(__name__)
 
@@ -59,23 +61,6 @@ class Decision(NamedTuple):
     @property
     def expanded(self) -> bool:
         return self.new_rank > self.old_rank
-
-
-def collect_modules(model_or_modules) -> Dict[str, SeLoRALinear]:
-    """Name -> SeLoRALinear of a model, a module, or a list/dict of them (names: `selora_name`)."""
-    if isinstance(model_or_modules, SeLoRALinear):
-        return {model_or_modules.selora_name: model_or_modules}
-    if isinstance(model_or_modules, torch.nn.Module):
-        return {m.selora_name: m for m in model_or_modules.modules() if isinstance(m, SeLoRALinear)}
-    items = list(model_or_modules.values()) if isinstance(model_or_modules, dict) else list(model_or_modules)
-    found: Dict[str, SeLoRALinear] = {}
-    for item in items:
-        for name, module in collect_modules(item).items():
-            if name in found and found[name] is not module:
-                raise ValueError(f"two different SeLoRA modules are both named {name!r}: inject each model "
-                                 f"with its own prefix (e.g. 'unet', 'text_encoder')")
-            found[name] = module
-    return found
 
 
 def _seed_for(seed: int, step: int) -> int:
@@ -98,7 +83,7 @@ class ExpansionController:
         self.config = config if config is not None else SeLoRAConfig()
         if not isinstance(self.config, SeLoRAConfig):
             raise TypeError(f"ExpansionController: config must be a SeLoRAConfig, got {type(config).__name__}")
-        self.modules: Dict[str, SeLoRALinear] = collect_modules(model_or_modules)
+        self.modules: Dict[str, SeLoRALinear] = selora_modules(model_or_modules)
         if not self.modules:
             raise ValueError("ExpansionController: no SeLoRALinear modules found; call inject_selora first")
         if loss_reduction not in ("mean", "sum"):
@@ -112,18 +97,19 @@ class ExpansionController:
         self.seed = int(seed)
         self.step_count = 0  # optimizer steps completed (used when no step is passed)
         self.history: List[Decision] = []  # every module's test, in order
-        self.expanded_once = set()  # reference_code: modules whose trial K is no longer zero
+        self.expanded_once = set()  # released_script: modules whose trial K is no longer zero
         self._measuring_step: Optional[int] = None
         self._pending = False  # a due test was skipped (non-finite step): run it at the next step
         self._scale_at_measure = None
-        self._first_pass_norms: Optional[torch.Tensor] = None
+        self._released = ReleasedScriptRule(optimizer) if self.config.trial == "released_script" else None
         self._hook = None
         if optimizer is not None:
             check_supported(optimizer)
             self._check_optimizer_holds_adapters()
-            hook = self._capture_first_pass if self.config.trial == "reference_code" else self._check_inputs
+            hook = self._capture_first_pass if self._released is not None else self._check_inputs
             self._hook = unwrap_optimizer(optimizer).register_step_pre_hook(hook)
         check_same_ranks(list(self.modules.values()))
+        self._grad_sync = GrownGradientSync(self.module_list)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -146,7 +132,6 @@ class ExpansionController:
         if not self.is_due(step) or self._measuring_step == step:
             return
         self._measuring_step = step
-        self._first_pass_norms = None
         if self.config.trial == "same_backward":
             for module in self.modules.values():
                 module.start_measuring(self.loss_reduction)
@@ -156,7 +141,7 @@ class ExpansionController:
                    backward: Optional[Callable[[torch.Tensor], None]] = None) -> List[Decision]:
         """Call once after optimizer.step() of step `step`; returns this step's decisions (empty if none).
 
-        closure (reference_code only): recomputes and returns the loss on the same batch, noise and
+        closure (released_script only): recomputes and returns the loss on the same batch, noise and
         timesteps as the step; backward: how to backpropagate it (default: loss.backward(), scaled by the
         GradScaler when one was given).
         """
@@ -168,7 +153,7 @@ class ExpansionController:
         if self.config.trial == "same_backward":
             decisions = self._decide_same_backward(step)
         else:
-            decisions = self._decide_reference(step, closure, backward)
+            decisions = self._decide_released(step, closure, backward)
         self._pending = decisions is None
         return decisions or []
 
@@ -179,6 +164,7 @@ class ExpansionController:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        self._grad_sync.remove()
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "seed": self.seed, "pending": self._pending,
@@ -186,7 +172,7 @@ class ExpansionController:
                 "history": [tuple(d) for d in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("trial", self.config.trial) != self.config.trial:
+        if canonical_mode(state.get("trial", self.config.trial)) != self.config.trial:
             raise ValueError(f"ExpansionController: checkpoint was taken with trial={state['trial']!r}, this "
                              f"controller runs trial={self.config.trial!r}")
         unknown = set(state.get("expanded_once", [])) - self.modules.keys()
@@ -240,80 +226,22 @@ class ExpansionController:
         if self._measuring_step is None:
             return
         modules = self.module_list
-        counts = torch.stack([m.fisher_statistics()[FISHER_ROW_COUNT, FISHER_COL_NONFINITE].double()
-                              for m in modules])
+        counts = torch.stack([nonfinite_rows(m.fisher_statistics()).double() for m in modules])
         if is_distributed():
             counts = all_reduce_sum_(counts)
         raise_on_nonfinite_inputs([m.selora_name for m in modules], counts.cpu().tolist())
 
-    # ------------------------------------------------------------------ reference-code test
+    # ------------------------------------------------------------------ released-script test
     def _capture_first_pass(self, optimizer, args, kwargs):
-        if self._measuring_step is not None and self.config.trial == "reference_code":
-            self._first_pass_norms = squared_gradient_norms(self.module_list)
+        if self._measuring_step is not None:
+            self._released.measure(self._measuring_step, self.module_list)
 
-    def _decide_reference(self, step, closure, backward) -> Optional[List[Decision]]:
-        if closure is None:
-            raise ValueError("trial='reference_code' needs after_step(step, closure=...): a function that "
-                             "recomputes the loss on the same batch, noise and timesteps (the second pass "
-                             "of the released script)")
-        if self._first_pass_norms is None:
-            logger.warning("step %d: optimizer.step() did not run (skipped by the GradScaler?) or before_forward "
-                           "was not called: expansion test moved to the next step", step)
+    def _decide_released(self, step, closure, backward) -> Optional[List[Decision]]:
+        ratios = self._released.ratios(step, self.module_list, closure, backward, self._current_scale() or 1.0,
+                                       self.expanded_once)
+        if ratios is None:
             return None
-        first = self._first_pass_norms
-        self._first_pass_norms = None
-        second, scale = self._second_pass(closure, backward)
-        if is_distributed():
-            first, second = all_reduce_mean_(first.clone()), all_reduce_mean_(second.clone())
-        first_host, second_host = first.cpu().tolist(), (second / scale**2).cpu().tolist()
-        if not all(math.isfinite(v) for v in first_host + second_host):
-            logger.warning("step %d: non-finite gradients in the expansion test: moved to the next step", step)
-            return None
-        ratios = [(b / a) if a > 0 else (math.inf if b > 0 else 1.0) for a, b in zip(first_host, second_host)]
         return self._apply(step, ratios, adopt_fresh_rows=True, reset_state=True)
-
-    def _second_pass(self, closure, backward):
-        """Gradients at theta_{t+1} with each module's trial slot live (zero K before its first expansion)."""
-        modules = self.module_list
-        full = [m for m in modules if m.rank >= m.capacity]
-        for module in full:  # the live trial slot needs room; growth keeps the function and optimizer state
-            grow_modules_([module], next_capacity(module.capacity), self.optimizer)
-        params = [p for group in unwrap_optimizer(self.optimizer).param_groups for p in group["params"]] \
-            if self.optimizer is not None else []
-        params += [p for m in modules for p in (m.lora_A, m.lora_B) if all(p is not q for q in params)]
-        saved_grads = [p.grad for p in params]
-        saved_trials = []
-        for p in params:
-            p.grad = None
-        with torch.no_grad():
-            for module in modules:
-                saved_trials.append(module.trial_row.clone())
-                if module.selora_name not in self.expanded_once:
-                    module.trial_row.zero_()
-                module.lora_A[module.rank].copy_(module.trial_row)
-                module.live_rank.add_(1)
-                module._rank += 1
-        scale = self._current_scale() or 1.0
-        try:
-            with torch.enable_grad():
-                loss = closure()
-                if backward is not None:
-                    backward(loss)
-                elif scale != 1.0:
-                    (loss * scale).backward()
-                else:
-                    loss.backward()
-            norms = squared_gradient_norms(modules)
-        finally:
-            with torch.no_grad():
-                for module, trial in zip(modules, saved_trials):
-                    module._rank -= 1
-                    module.live_rank.sub_(1)
-                    module.lora_A[module.rank].zero_()
-                    module.trial_row.copy_(trial)
-            for p, grad in zip(params, saved_grads):
-                p.grad = grad
-        return norms, scale
 
     # ------------------------------------------------------------------ decisions
     def _apply(self, step: int, ratios: List[float], adopt_fresh_rows: bool, reset_state: bool) -> List[Decision]:
@@ -327,7 +255,7 @@ class ExpansionController:
         seed = _seed_for(self.seed, step)
         if chosen:
             if adopt_fresh_rows:
-                self._draw_trial_rows(chosen, seed + 1)
+                draw_trial_rows(chosen, seed + 1)
             expand_modules(chosen, optimizer=self.optimizer, seed=seed, reset_optimizer_state=reset_state)
             self.expanded_once.update(m.selora_name for m in chosen)
         self.history.extend(decisions)
@@ -336,16 +264,6 @@ class ExpansionController:
                 logger.info("step %d: %s FI-Ratio %.4f >= %g: rank %d -> %d", d.step, d.module, d.ratio,
                             threshold, d.old_rank, d.new_rank)
         return decisions
-
-    @staticmethod
-    def _draw_trial_rows(modules, seed: int) -> None:
-        # the released script adopts a fresh Kaiming draw, not the row it measured with
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for module in modules:
-                bound = kaiming_bound(module.in_features)
-                row = torch.rand(module.in_features, generator=generator, dtype=torch.float64) * 2 - 1
-                module.trial_row.copy_((row * bound).to(module.trial_row))
 
     def _check_optimizer_holds_adapters(self) -> None:
         held = {id(p) for group in unwrap_optimizer(self.optimizer).param_groups for p in group["params"]}

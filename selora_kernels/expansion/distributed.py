@@ -66,3 +66,53 @@ def check_same_ranks(modules: Sequence) -> None:
         raise RuntimeError(f"{module.selora_name}: rank/capacity differ across processes "
                            f"(this process: rank {module.rank}, capacity {module.capacity}; range over processes: "
                            f"{low[index].tolist()} .. {high[index].tolist()}); expected identical adapters")
+
+
+class GrownGradientSync:
+    """Averages across processes the adapter gradients of modules grown past capacity, at the end of each
+    backward.
+
+    DistributedDataParallel records every parameter's size when it is built; a parameter reallocated in place
+    afterwards is silently left out of its averaging (each process keeps its own gradient, and weights and
+    Adam state drift apart). The first adapter gradient of a backward queues one callback that all-reduces
+    the gradients of every module with `grown_in_place` set, flattened into one tensor. It runs inside the
+    backward, so gradient clipping and the GradScaler's overflow check see averaged gradients; where DDP
+    did average a gradient, averaging identical values again changes nothing. With gradient accumulation
+    each micro-batch's backward averages the running sum, which is the same mean.
+    """
+
+    def __init__(self, modules: Sequence):
+        self.modules = list(modules)
+        self._queued = False
+        self._handles = []
+        if not is_distributed():
+            return
+        for module in self.modules:
+            for param in (module.lora_A, module.lora_B):
+                self._handles.append(param.register_post_accumulate_grad_hook(self._on_gradient))
+
+    def _on_gradient(self, param) -> None:
+        if self._queued:
+            return
+        self._queued = True
+        # runs once the whole backward is done, as DDP's own finalisation does
+        torch.autograd.Variable._execution_engine.queue_callback(self.average_)
+
+    def average_(self) -> None:
+        """All-reduces (mean) the gradients of the grown modules now."""
+        self._queued = False
+        grads = [p.grad for m in self.modules if m.grown_in_place for p in (m.lora_A, m.lora_B)
+                 if p.grad is not None]
+        if not grads or not is_distributed():
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        all_reduce_mean_(flat)
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -1,24 +1,18 @@
 """FI-Scores of many modules at once, with a single device-to-host transfer.
 
-Per module the statistics tensor (3, capacity + 1) holds sums over samples of squared per-sample
-gradients per slot (ops.reference). The FI-Score (eq. 4, Fisher in the eq.-3 scale) is the sum over live
-slots divided by the number of samples; the expanded score adds the trial slot (SELORA_SPEC section 2):
-
-    FI_orig = sum_{k < r} (F_A[k] + F_B[k]) / N        FI_exp = FI_orig + (F_A[trial] + F_B[trial]) / N
-
-The reductions run on the device; the (modules x 4) table of [live sum, trial sum, N, non-finite input
-rows] is optionally summed over processes (every process then decides identically) and read back once;
-a module that saw inf/NaN inputs while measuring raises ValueError there, on every process alike.
+Layout of the statistics and the FI-Score formula: selora_kernels/fisher_stats.py. The reductions run on
+the device; the (modules x 4) table of [live sum, trial sum, N, non-finite input rows] (one
+`statistics_summary` per module) is optionally summed over processes (every process then decides
+identically) and read back once; a module that saw inf/NaN inputs while measuring raises ValueError there,
+on every process alike.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from ..nn.selora_linear import FisherScores, fi_ratio, raise_on_nonfinite_inputs
-from ..ops.reference import FISHER_COL_NONFINITE, FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT
+from ..fisher_stats import FisherScores, fi_scores, raise_on_nonfinite_inputs, statistics_summary
 
 
 def fisher_table(modules: Sequence, statistics: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
@@ -26,25 +20,12 @@ def fisher_table(modules: Sequence, statistics: Optional[Sequence[torch.Tensor]]
     non-finite input rows."""
     if statistics is None:
         statistics = [m.fisher_statistics() for m in modules]
-    rows = []
-    for module, stats in zip(modules, statistics):
-        per_slot = (stats[FISHER_ROW_A] + stats[FISHER_ROW_B]).double()
-        counts = stats[FISHER_ROW_COUNT, :FISHER_COL_NONFINITE + 1].double()
-        rows.append(torch.cat([torch.stack([per_slot[:module.rank].sum(), per_slot[-1]]), counts]))
-    return torch.stack(rows)
+    return torch.stack([statistics_summary(stats, module.rank) for module, stats in zip(modules, statistics)])
 
 
 def scores_from_table(table: Sequence[Sequence[float]], fisher_scale: float = 1.0) -> List[FisherScores]:
     """FisherScores per row of a host table; `fisher_scale` multiplies Fisher values (AMP, accumulation)."""
-    scores = []
-    for live, trial, samples, *_ in table:
-        if samples <= 0:
-            scores.append(FisherScores(0.0, 0.0, math.nan, 0))
-            continue
-        original = live * fisher_scale / samples
-        expanded = original + trial * fisher_scale / samples
-        scores.append(FisherScores(original, expanded, fi_ratio(original, expanded), int(samples)))
-    return scores
+    return [fi_scores(live, trial, samples, fisher_scale) for live, trial, samples, *_ in table]
 
 
 def batched_fisher_scores(modules: Sequence, statistics: Optional[Sequence[torch.Tensor]] = None,

@@ -3,7 +3,8 @@
 Adapter file: tensors `<module>.lora_A` (rank x in), `<module>.lora_B` (out x rank) trimmed to the live rank,
 and `<module>.trial_row` (the next row K, so a resumed run expands exactly as the original would). The
 header metadata holds the format tag, the SeLoRAConfig and every module's rank, capacity and shape, so a
-load can say precisely why a file does not fit a model. Writes are atomic (temp file + os.replace).
+load can say precisely why a file does not fit a model. Adapter files, exports and the trainer's checkpoint
+bookkeeping are written through `atomic_write` (a temp file + os.replace).
 """
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
+import safetensors.torch
+from safetensors import safe_open
 from torch import nn
 
 from ..config import SeLoRAConfig
-from ..nn.selora_linear import SeLoRALinear
-from .targets import selora_modules
+from ..nn.selora_linear import SeLoRALinear, selora_modules
+from .targets import set_submodule
 
 FORMAT_TAG = "selora_adapter"
 FORMAT_VERSION = "1"
@@ -37,20 +40,25 @@ def config_from_dict(values: dict) -> SeLoRAConfig:
     return SeLoRAConfig(**{k: v for k, v in values.items() if k in known})
 
 
-def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path, metadata: Dict[str, str]) -> Path:
-    """safetensors save through a temp file in the same folder and os.replace: never a half-written file."""
-    from safetensors.torch import save_file
-
+def atomic_write(path, write: Callable[[Path], object]) -> Path:
+    """Calls `write(tmp)` on a temp path in the folder of `path`, then os.replace(tmp, path): a reader (or a
+    crash) sees the old file or the new one, never half of one. The temp file is removed if `write` fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path, metadata: Dict[str, str]) -> Path:
+    """A safetensors file written whole (atomic_write)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
 
 
 def save_adapter(path, model_or_modules, config: Optional[SeLoRAConfig] = None,
@@ -77,8 +85,6 @@ def save_adapter(path, model_or_modules, config: Optional[SeLoRAConfig] = None,
 
 def read_safetensors(path, what: str = "adapter file"):
     """(tensors, raw string metadata) of a safetensors file; FileNotFoundError naming `what` if absent."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
@@ -187,14 +193,19 @@ def peft_state_dict(model: nn.Module, prefix: Optional[str] = None) -> Dict[str,
     return tensors
 
 
-def peft_metadata(model: nn.Module) -> dict:
-    """LoraConfig kwargs with per-module ranks; alpha_m = r_m so peft's scale alpha/r is 1 (s is in B)."""
-    ranks = {path: m.rank for path, m in _relative_modules(model).items()}
+def peft_lora_metadata(ranks: Dict[str, int]) -> dict:
+    """LoraConfig kwargs for modules (path -> rank) with per-module ranks: the most common rank as `r`, the
+    others in rank_pattern. alpha_m = r_m, so peft's scale alpha/r is 1: the method's scale is folded into B."""
     common = Counter(ranks.values()).most_common(1)[0][0]
     return {"r": common, "lora_alpha": common, "target_modules": sorted(ranks),
             "rank_pattern": {p: r for p, r in ranks.items() if r != common},
             "alpha_pattern": {p: r for p, r in ranks.items() if r != common},
             "use_dora": False, "lora_bias": False}
+
+
+def peft_metadata(model: nn.Module) -> dict:
+    """peft_lora_metadata of the SeLoRA modules of `model` at their live ranks."""
+    return peft_lora_metadata({path: m.rank for path, m in _relative_modules(model).items()})
 
 
 def export_peft_lora(save_directory, models: Dict[str, nn.Module],
@@ -215,7 +226,5 @@ def merge_selora(model: nn.Module) -> nn.Module:
     """Replaces every SeLoRALinear of `model` by an nn.Linear with W0 + s B A merged (for inference)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, SeLoRALinear):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.to_linear())
+            set_submodule(model, name, module.to_linear())
     return model

@@ -1,29 +1,33 @@
-"""Which linears of a model get a SeLoRA adapter, and the injection itself.
+"""Which linears of a model get an adapter, and the SeLoRA injection itself.
 
+`resolve_target_names(model, target_modules, exclude_modules)` is the one place that decides which nn.Linear
+modules are adapted: SeLoRA and every baseline method call it, so all adapt the same layers.
 `inject_selora(model, config)` works on any nn.Module (a diffusers UNet, a transformers text encoder, a toy
-MLP): matching nn.Linear submodules are replaced by `SeLoRALinear.from_linear` (sharing the base weight),
-everything else is frozen. Targets (`config.target_modules`):
+MLP): the resolved nn.Linear submodules are replaced by `SeLoRALinear.from_linear` (sharing the base
+weight), everything else is frozen. Targets (`config.target_modules`):
 
-- "reference_code": the released script's set. Text encoders (CLIPText*): every linear; anything else
-  (the UNet): names ending in to_q, to_k, to_v, ff.net.0.proj, time_emb_proj.
+- "released_script" (old spelling "reference_code"): the released script's set. Text encoders
+  (CLIPText*): every linear; anything else (the UNet): names ending in to_q, to_k, to_v, ff.net.0.proj,
+  time_emb_proj.
 - "all_linear": every nn.Linear.
 - a list of patterns: a module matches when a pattern equals its name or its last dotted components
   (peft-style suffix), matches it as an fnmatch glob, or as a full regular expression.
+
+`exclude_modules` (patterns of the same kinds) removes modules from that set.
 """
 from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Dict, Iterable
+from typing import Dict, Iterable, List
 
 from torch import nn
 
-from ..config import SeLoRAConfig
-from ..expansion.controller import collect_modules
-from ..nn.selora_linear import SeLoRALinear
+from ..config import TARGET_PRESETS, SeLoRAConfig, canonical_mode
+from ..nn.selora_linear import SeLoRALinear, selora_modules
 
-PRESETS = ("reference_code", "all_linear")
-REFERENCE_UNET_SUFFIXES = ("to_q", "to_k", "to_v", "ff.net.0.proj", "time_emb_proj")
+PRESETS = TARGET_PRESETS
+RELEASED_SCRIPT_UNET_SUFFIXES = ("to_q", "to_k", "to_v", "ff.net.0.proj", "time_emb_proj")
 
 
 def is_text_encoder(model: nn.Module, prefix: str = "") -> bool:
@@ -46,13 +50,14 @@ def matches_any(name: str, patterns: Iterable[str]) -> bool:
 
 def target_predicate(model: nn.Module, target_modules, prefix: str = ""):
     """A function name -> bool for the linears to adapt under `target_modules`."""
+    target_modules = canonical_mode(target_modules)
     if isinstance(target_modules, str):
         if target_modules == "all_linear":
             return lambda name: True
-        if target_modules == "reference_code":
+        if target_modules == "released_script":
             if is_text_encoder(model, prefix):
                 return lambda name: True
-            return lambda name: matches_any(name, REFERENCE_UNET_SUFFIXES)
+            return lambda name: matches_any(name, RELEASED_SCRIPT_UNET_SUFFIXES)
         raise ValueError(f"target_modules: unknown preset {target_modules!r}; expected one of {PRESETS} "
                          f"or a list of name patterns")
     patterns = list(target_modules)
@@ -66,7 +71,29 @@ def _qualified(prefix: str, name: str) -> str:
     return f"{prefix.rstrip('.')}.{name}" if prefix else name
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def resolve_target_names(model: nn.Module, target_modules="released_script", exclude_modules=(),
+                         prefix: str = "") -> List[str]:
+    """Names (relative to `model`, in module order) of the plain nn.Linear modules to adapt: matched by
+    `target_modules` and by no pattern of `exclude_modules`, each tried on the relative name and on the name
+    with `prefix` (e.g. "unet.down_blocks...."). Subclasses of nn.Linear and already-adapted layers are not
+    plain nn.Linear and never match. Every adapter method resolves its layers here."""
+    wanted = target_predicate(model, target_modules, prefix)
+    excluded = list(exclude_modules or [])
+    names = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        qualified = _qualified(prefix, name)
+        if not (wanted(name) or wanted(qualified)):
+            continue
+        if excluded and (matches_any(name, excluded) or matches_any(qualified, excluded)):
+            continue
+        names.append(name)
+    return names
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Puts `module` at the dotted path `name` of `model` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -82,7 +109,7 @@ def inject_selora(model: nn.Module, config: SeLoRAConfig, prefix: str = "",
     """
     if not isinstance(config, SeLoRAConfig):
         raise TypeError(f"inject_selora needs a SeLoRAConfig, got {type(config).__name__}")
-    wanted = target_predicate(model, config.target_modules, prefix)
+    targets = set(resolve_target_names(model, config.target_modules, config.exclude_modules, prefix))
     excluded = list(config.exclude_modules or [])
     model.requires_grad_(False)
     injected: Dict[str, SeLoRALinear] = {}
@@ -95,14 +122,12 @@ def inject_selora(model: nn.Module, config: SeLoRAConfig, prefix: str = "",
         if type(module) is not nn.Linear:
             continue
         linear_names.append(name)
-        if not (wanted(name) or wanted(qualified)):
-            continue
-        if excluded and (matches_any(name, excluded) or matches_any(qualified, excluded)):
+        if name not in targets:
             continue
         adapter = SeLoRALinear.from_linear(module, r_init=config.r_init, alpha=config.alpha,
                                            capacity=config.capacity, scaling=config.scaling,
                                            adapter_dtype=adapter_dtype, name=qualified)
-        _set_submodule(model, name, adapter)
+        set_submodule(model, name, adapter)
         injected[qualified] = adapter
     if not injected:
         shown = ", ".join(linear_names[:8]) + (", ..." if len(linear_names) > 8 else "")
@@ -113,11 +138,6 @@ def inject_selora(model: nn.Module, config: SeLoRAConfig, prefix: str = "",
         module.lora_A.requires_grad_(True)
         module.lora_B.requires_grad_(True)
     return injected
-
-
-def selora_modules(model_or_modules) -> Dict[str, SeLoRALinear]:
-    """Qualified name -> SeLoRALinear of a model, a list of models/modules, or a dict of them."""
-    return collect_modules(model_or_modules)
 
 
 def live_parameter_count(modules) -> int:

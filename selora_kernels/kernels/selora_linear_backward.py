@@ -1,6 +1,6 @@
 """Fused Triton backward of the SeLoRA linear, with the per-sample Fisher folded into the dA/dB reduction.
 
-Math (SELORA_SPEC.md section 2, ops/reference.py), mask_k = [k < live_rank] read from a device tensor:
+Math (docs/algorithm.md, ops/reference.py), mask_k = [k < live_rank] read from a device tensor:
 
     P  = (dy B) . mask                      U = (x A^T) . mask        (M x R_PAD, fp32)
     dx = dy W0 + s P A
@@ -15,12 +15,13 @@ Launches (all deterministic: fixed-order reductions, no atomics):
   2. `_shrink_kernel`: U = x A_ext^T, where A_ext appends the trial row as slot `capacity` while measuring.
   3. `_segment_reduce_kernel` twice ((P, x) -> dA, (U, dy) -> dB): the token reduction is split at sample
      boundaries and further into chunks inside a sample, each chunk writing an fp32 partial R_PAD x D.
-  4. `_finalize_kernel` twice: per D tile, sums each sample's chunk partials in order (the per-sample
+  4. `_finalize_grad_and_fisher_kernel` twice: per D tile, sums each sample's chunk partials in order (the per-sample
      gradient), adds it into the gradient and, when FISHER, squares (c g_i)^2 into an fp32 per-slot sum.
      (One launch for both gradients, branching on the program id, was tried: its two branches compiled
      with separate pipeline buffers, twice the shared memory, and a stack frame under triton 3.6.)
   5. While measuring, `_fisher_collect_kernel` sums the per-tile Fisher sums in tile order and the shrink
-     programs' counts of non-finite input rows, and writes the whole (3, capacity + 1) statistics tensor.
+     programs' counts of non-finite input rows, and writes the whole statistics tensor (layout:
+     selora_kernels/fisher_stats.py).
      One launch instead of five small torch ops: measuring then costs the same number of launches as not
      measuring (the zero fill of the statistics is skipped), which is what the Fisher increment is made of
      at small shapes (bench/roofline.py).
@@ -34,11 +35,18 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
-from .selora_linear_forward import (NAME_TO_TRITON, _fp32_rank_dot, current_dot_precision, dtype_name,
-                                    launch_fused_lowrank_matmul)
+from ..fisher_stats import (FISHER_COL_NONFINITE, FISHER_COL_SAMPLES, FISHER_ROW_A, FISHER_ROW_B,
+                            FISHER_ROW_COUNT, statistics_shape, statistics_width)
+from . import launch_table
+from .selora_linear_forward import _fp32_rank_dot, current_dot_precision, dtype_name, launch_fused_lowrank_matmul
 
-FISHER_ROWS = 3  # layout of ops.reference: row 0 fisher_a, row 1 fisher_b, row 2 sample and non-finite row counts
+# The statistics layout as compile-time constants of _fisher_collect_kernel (jit functions read only
+# constexpr globals).
+_ROW_A = tl.constexpr(FISHER_ROW_A)
+_ROW_B = tl.constexpr(FISHER_ROW_B)
+_ROW_COUNT = tl.constexpr(FISHER_ROW_COUNT)
+_COL_SAMPLES = tl.constexpr(FISHER_COL_SAMPLES)
+_COL_NONFINITE = tl.constexpr(FISHER_COL_NONFINITE)
 
 
 @triton.jit
@@ -112,7 +120,7 @@ def _segment_reduce_kernel(low_rank_ptr, x_ptr, partial_ptr,
 
 
 @triton.jit
-def _finalize_kernel(partial_ptr, grad_ptr, fisher_ptr,
+def _finalize_grad_and_fisher_kernel(partial_ptr, grad_ptr, fisher_ptr,
                      segments, chunks, depth, capacity, scale, fisher_factor,
                      stride_gr, stride_gd,
                      FISHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -144,8 +152,8 @@ def _finalize_kernel(partial_ptr, grad_ptr, fisher_ptr,
 def _fisher_collect_kernel(tiles_a_ptr, tiles_b_ptr, nonfinite_ptr, fisher_ptr, num_tiles_a, num_tiles_b,
                            num_shrink_programs, width, sample_count,
                            R_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    # fisher[0] = sum over dA tiles, fisher[1] = over dB tiles (fixed order),
-    # fisher[2] = (N, non-finite input rows = sum of the shrink programs' counts, 0, ..., 0)
+    # row A = sum over dA tiles, row B = over dB tiles (fixed order),
+    # count row = (N, non-finite input rows = sum of the shrink programs' counts, 0, ..., 0)
     offs = tl.arange(0, BLOCK)
     nonfinite = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, num_shrink_programs, BLOCK):
@@ -159,10 +167,10 @@ def _fisher_collect_kernel(tiles_a_ptr, tiles_b_ptr, nonfinite_ptr, fisher_ptr, 
     fisher_b = tl.zeros((R_PAD,), dtype=tl.float32)
     for tile in range(0, num_tiles_b):
         fisher_b += tl.load(tiles_b_ptr + tile * R_PAD + slots)
-    tl.store(fisher_ptr + slots, fisher_a, mask=in_row)
-    tl.store(fisher_ptr + width + slots, fisher_b, mask=in_row)
-    count_row = tl.where(slots == 0, sample_count, tl.where(slots == 1, bad_rows, 0.0))
-    tl.store(fisher_ptr + 2 * width + slots, count_row, mask=in_row)
+    tl.store(fisher_ptr + _ROW_A * width + slots, fisher_a, mask=in_row)
+    tl.store(fisher_ptr + _ROW_B * width + slots, fisher_b, mask=in_row)
+    count_row = tl.where(slots == _COL_SAMPLES, sample_count, tl.where(slots == _COL_NONFINITE, bad_rows, 0.0))
+    tl.store(fisher_ptr + _ROW_COUNT * width + slots, count_row, mask=in_row)
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,13 +204,13 @@ class _Workspace:
 
 def _shrink_programs(x) -> int:
     """Programs of one `_shrink` launch over x: the length of its non-finite row counts."""
-    return triton.cdiv(x.shape[0], configs.blocks_for("shrink", dtype_name(x.dtype)).block_m)
+    return triton.cdiv(x.shape[0], launch_table.blocks_for("shrink", dtype_name(x.dtype)).block_m)
 
 
 def _shrink(x, slot_rows, slot_strides, trial_row, live_rank, out, nonfinite, capacity, r_pad):
     """out = (x S^T) . mask; with a trial row, also each program's count of non-finite rows (fp32)."""
     rows, depth = x.shape
-    blocks = configs.blocks_for("shrink", dtype_name(x.dtype))
+    blocks = launch_table.blocks_for("shrink", dtype_name(x.dtype))
     _shrink_kernel[(_shrink_programs(x),)](
         x, slot_rows, trial_row if trial_row is not None else slot_rows, live_rank, out,
         nonfinite if trial_row is not None else out,
@@ -216,11 +224,11 @@ class _ReducePlan:
     that their partials have one layout, and the finalize tiles."""
 
     def __init__(self, rows, depth_a, depth_b, dtype_name_, segments, r_pad, target_programs):
-        self.blocks = configs.blocks_for("segment_reduce", dtype_name_)
-        self.final = configs.blocks_for("finalize", dtype_name_)
+        self.blocks = launch_table.blocks_for("segment_reduce", dtype_name_)
+        self.final = launch_table.blocks_for("finalize", dtype_name_)
         self.segment_rows = rows // segments
         self.tiles = (triton.cdiv(depth_a, self.blocks.block_n), triton.cdiv(depth_b, self.blocks.block_n))
-        self.chunks, self.chunk_rows = configs.segment_chunks(self.segment_rows, segments, sum(self.tiles),
+        self.chunks, self.chunk_rows = launch_table.segment_chunks(self.segment_rows, segments, sum(self.tiles),
                                                               self.blocks, target_programs)
         self.final_tiles = (triton.cdiv(depth_a, self.final.block_n), triton.cdiv(depth_b, self.final.block_n))
         self.partial_shapes = tuple((segments * self.chunks, r_pad, depth) for depth in (depth_a, depth_b))
@@ -236,7 +244,7 @@ def _reduce(plan, which, low_rank, x, partial, grad, grad_strides, fisher_tiles,
         R_PAD=r_pad, BLOCK_N=plan.blocks.block_n, BLOCK_T=plan.blocks.block_k,
         DOT_PRECISION=current_dot_precision(x.dtype), num_warps=plan.blocks.num_warps,
         num_stages=plan.blocks.num_stages)
-    _finalize_kernel[(plan.final_tiles[which],)](
+    _finalize_grad_and_fisher_kernel[(plan.final_tiles[which],)](
         partial, grad, fisher_tiles if measuring else partial, segments, plan.chunks, depth, capacity,
         float(scale), float(fisher_factor), grad_strides[0], grad_strides[1],
         FISHER=measuring, R_PAD=r_pad, BLOCK_N=plan.final.block_n, num_warps=plan.final.num_warps,
@@ -250,7 +258,7 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
 
     x, grad_y: 2-D (M x in, M x out), any strides, one dtype (fp32/fp16/bf16) shared with weight, lora_a,
     lora_b and trial_row; live_rank: a 0-d integer device tensor (never read on the host). fisher is
-    (3, capacity + 1) fp32, zeros when not measuring."""
+    fp32 in the layout of fisher_stats, zeros when not measuring."""
     rows, in_features = x.shape
     out_features = weight.shape[0]
     capacity = lora_a.shape[0]
@@ -259,7 +267,7 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
         raise ValueError(f"{rows} input rows cannot be split into {num_samples} samples")
     # Measuring: every entry is written by _fisher_collect_kernel, so no zero fill (one launch fewer).
     allocate = torch.empty if measuring and rows and in_features and out_features else torch.zeros
-    fisher = allocate(FISHER_ROWS, capacity + 1, dtype=torch.float32, device=device)
+    fisher = allocate(statistics_shape(capacity), dtype=torch.float32, device=device)
     grad_x = torch.empty(rows, in_features, dtype=x.dtype, device=device) if compute_grad_x else x.new_empty(0)
     grad_a = torch.empty(capacity, in_features, dtype=lora_a.dtype, device=device)
     grad_b = torch.empty(out_features, capacity, dtype=lora_b.dtype, device=device)
@@ -269,9 +277,9 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
         if compute_grad_x:
             grad_x.zero_()
         if measuring:
-            fisher[2, 0] = num_samples
+            fisher[FISHER_ROW_COUNT, FISHER_COL_SAMPLES] = num_samples
         return grad_x, grad_a, grad_b, fisher
-    r_pad = configs.r_pad_for(capacity + 1 if measuring else max(capacity, 1))
+    r_pad = launch_table.r_pad_for(statistics_width(capacity, measuring))
     live_rank = live_rank.reshape(1)
 
     segments = num_samples if measuring else 1
@@ -305,48 +313,9 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
     _reduce(plan, 1, low_rank, grad_y, work["partial_b"], grad_b, (grad_b.stride(1), grad_b.stride(0)), fisher_b,
             capacity, r_pad, scale, segments, fisher_factor, measuring)
     if measuring:
-        collect = configs.blocks_for("fisher_collect", "fp32")
+        collect = launch_table.blocks_for("fisher_collect", "fp32")
         _fisher_collect_kernel[(1,)](fisher_a, fisher_b, work["nonfinite"], fisher, final_a, final_b,
-                                     shrink_programs, capacity + 1, float(num_samples), R_PAD=r_pad,
+                                     shrink_programs, fisher.shape[1], float(num_samples), R_PAD=r_pad,
                                      BLOCK=collect.block_n, num_warps=collect.num_warps,
                                      num_stages=collect.num_stages)
     return grad_x, grad_a, grad_b, fisher
-
-
-def aot_spec(config: configs.LaunchConfig):
-    """(jit function, signature, constexprs, attrs) to compile `config` ahead of time (static check)."""
-    dtype = NAME_TO_TRITON[config.dtype]
-    flags = dict(config.flags)
-    b = config.blocks
-    precision = flags.get("DOT_PRECISION", "tf32")
-    if config.kernel == "shrink":
-        fn = _shrink_kernel
-        # operand "A": U = x A_ext^T (A rows contiguous); operand "B": P = dy B (B columns strided)
-        unit_stride = dict(stride_sd=1) if flags["OPERAND"] == "A" else dict(stride_sr=1)
-        constexprs = dict(HAS_TRIAL=bool(flags["HAS_TRIAL"]), R_PAD=config.r_pad, BLOCK_M=b.block_m,
-                          BLOCK_K=b.block_k, DOT_PRECISION=precision, stride_xd=1, **unit_stride)
-        pointers = {"x_ptr": dtype, "slot_rows_ptr": dtype, "trial_row_ptr": dtype, "live_rank_ptr": "i64",
-                    "out_ptr": "fp32", "nonfinite_ptr": "fp32"}
-        floats = ()
-    elif config.kernel == "segment_reduce":
-        fn = _segment_reduce_kernel
-        constexprs = dict(R_PAD=config.r_pad, BLOCK_N=b.block_n, BLOCK_T=b.block_k, DOT_PRECISION=precision,
-                          stride_xd=1)
-        pointers = {"low_rank_ptr": "fp32", "x_ptr": dtype, "partial_ptr": "fp32"}
-        floats = ()
-    elif config.kernel == "finalize":
-        fn = _finalize_kernel
-        # grad_a is written row-major, grad_b through its transpose: leave both strides unspecialised
-        constexprs = dict(FISHER=bool(flags["FISHER"]), R_PAD=config.r_pad, BLOCK_N=b.block_n)
-        pointers = {"partial_ptr": "fp32", "grad_ptr": dtype, "fisher_ptr": "fp32"}
-        floats = ("scale", "fisher_factor")
-    elif config.kernel == "fisher_collect":
-        fn = _fisher_collect_kernel
-        constexprs = dict(R_PAD=config.r_pad, BLOCK=config.blocks.block_n)
-        pointers = {"tiles_a_ptr": "fp32", "tiles_b_ptr": "fp32", "nonfinite_ptr": "fp32", "fisher_ptr": "fp32"}
-        floats = ("sample_count",)
-    else:
-        raise KeyError(f"{config.kernel!r} is not a backward kernel")
-    not_divisible = ("stride_sd", "stride_gr", "stride_gd")  # B's column stride is the capacity (e.g. 15)
-    signature, attrs = configs.aot_signature(fn.arg_names, pointers, constexprs, floats, not_divisible)
-    return fn, signature, constexprs, attrs

@@ -1,6 +1,6 @@
 """Fused Triton forward of the SeLoRA linear (and, mirrored, its input gradient).
 
-Math (SELORA_SPEC.md section 1), x (M x in), W0 (out x in), A (capacity x in), B (out x capacity):
+Math (docs/algorithm.md), x (M x in), W0 (out x in), A (capacity x in), B (out x capacity):
 
     y = x W0^T + b0 + s (x A^T) B^T
 
@@ -15,8 +15,8 @@ One kernel, `_fused_lowrank_matmul_kernel`, computes the general form
 
 x is read once: each K step loads one X tile and feeds both the W0 dot and the R_PAD-wide rank dot into an
 fp32 rank accumulator; the epilogue expands the rank accumulator with E at fp32 precision (hi/lo split for
-bf16, tf32x3 for fp16, IEEE or tf32x3 for fp32 - never a plain half cast, KERNEL_NOTES section 9.4),
-scales, adds the bias and stores the output once.
+bf16, tf32x3 for fp16, IEEE or tf32x3 for fp32 - never a plain half cast, which would round the fp32 rank
+accumulator to 8 or 11 mantissa bits before the expand), scales, adds the bias and stores the output once.
 """
 from __future__ import annotations
 
@@ -26,10 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
+from . import launch_table
 
 TORCH_TO_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-NAME_TO_TRITON = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
 @triton.jit
@@ -126,7 +125,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def current_dot_precision(dtype: torch.dtype) -> str:
-    return configs.dot_precision(dtype_name(dtype), torch.get_float32_matmul_precision())
+    return launch_table.dot_precision(dtype_name(dtype), torch.get_float32_matmul_precision())
 
 
 def launch_fused_lowrank_matmul(kernel_name: str, x, wt_strides, wt, bias, rank_in, rank_in_strides,
@@ -135,7 +134,7 @@ def launch_fused_lowrank_matmul(kernel_name: str, x, wt_strides, wt, bias, rank_
     """Shared launcher of the forward and grad_x uses (all strides in elements, views described by hand)."""
     rows = x.shape[0]
     name = dtype_name(x.dtype)
-    blocks = configs.blocks_for(kernel_name, name, rows)
+    blocks = launch_table.blocks_for(kernel_name, name, rows)
     grid = (triton.cdiv(rows, blocks.block_m) * triton.cdiv(cols, blocks.block_n),)
     _fused_lowrank_matmul_kernel[grid](
         x, wt, bias if bias is not None else out, rank_in, rank_out,
@@ -145,7 +144,7 @@ def launch_fused_lowrank_matmul(kernel_name: str, x, wt_strides, wt, bias, rank_
         rank_out_strides[0], rank_out_strides[1], out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, MASK_LIVE=live_rank is not None, EMIT_LOW_RANK=low_rank_out is not None,
         R_PAD=r_pad, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
-        GROUP_M=configs.GROUP_M, DOT_PRECISION=current_dot_precision(x.dtype),
+        GROUP_M=launch_table.GROUP_M, DOT_PRECISION=current_dot_precision(x.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
@@ -167,32 +166,5 @@ def selora_linear_forward_triton(x2d: torch.Tensor, weight: torch.Tensor, bias: 
     launch_fused_lowrank_matmul(
         "forward", x2d, (weight.stride(1), weight.stride(0)), weight, bias,
         lora_a, (lora_a.stride(1), lora_a.stride(0)), lora_b, (lora_b.stride(1), lora_b.stride(0)),
-        None, None, y, in_features, out_features, capacity, scale, configs.r_pad_for(max(capacity, 1)))
+        None, None, y, in_features, out_features, capacity, scale, launch_table.r_pad_for(max(capacity, 1)))
     return y
-
-
-def aot_spec(config: configs.LaunchConfig):
-    """(jit function, signature, constexprs, attrs) to compile `config` ahead of time (static check).
-
-    Mirrors a launch with contiguous row-major tensors: unit strides are specialised to 1 and pointers
-    and leading strides are 16-divisible, as Triton's JIT specialises them on such inputs."""
-    dtype = NAME_TO_TRITON[config.dtype]
-    flags = dict(config.flags)
-    is_forward = config.kernel == "forward"
-    has_bias = bool(flags.get("HAS_BIAS", is_forward))
-    b = config.blocks
-    fn = _fused_lowrank_matmul_kernel
-    # forward: x (M,in) s=(in,1), W0^T view strides (1,in), A^T view (1,in), B^T view (1,cap)
-    # grad_x: dy (M,out) s=(out,1), W0 view (in,1), B view (cap,1), A view (in,1)
-    unit = {"stride_xk": 1, "stride_on": 1}
-    if is_forward:
-        unit.update(stride_wk=1, stride_rk=1, stride_er=1)
-    else:
-        unit.update(stride_wn=1, stride_rr=1, stride_en=1)
-    constexprs = dict(HAS_BIAS=has_bias, MASK_LIVE=not is_forward, EMIT_LOW_RANK=not is_forward,
-                      R_PAD=config.r_pad, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k,
-                      GROUP_M=configs.GROUP_M, DOT_PRECISION=flags.get("DOT_PRECISION", "tf32"), **unit)
-    pointer_types = {"x_ptr": dtype, "wt_ptr": dtype, "bias_ptr": dtype, "rank_in_ptr": dtype,
-                     "rank_out_ptr": dtype, "live_rank_ptr": "i64", "low_rank_ptr": "fp32", "out_ptr": dtype}
-    signature, attrs = configs.aot_signature(fn.arg_names, pointer_types, constexprs)
-    return fn, signature, constexprs, attrs

@@ -1,1 +1,1 @@
-"""SeLoRALinear and the batched growth of its capacity buffers."""
+"""SeLoRALinear, and the registry of its capacity buffers (slots.py) that optimizers read."""

@@ -8,39 +8,18 @@ lives in a buffer outside the Parameter, so neither the optimizer nor weight dec
 """
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 
 from ..config import validate_adapter_options
-from ..ops.reference import (cast, FISHER_COL_NONFINITE, FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT,
-                             FISHER_ROWS, fisher_dtype)
-from ..ops.selora_linear import selora_linear_autograd
-from ..optim.adapter_registry import register_adapter_parameter
-
-
-class FisherScores(NamedTuple):
-    """FI-Scores (eq. 4, Fisher in the eq.-3 scale) of one module and their ratio (expanded / original)."""
-
-    original: float
-    expanded: float
-    ratio: float
-    samples: int
-
-
-def kaiming_bound(fan_in: int) -> float:
-    """Bound of Kaiming-uniform with a = 0 (gain sqrt(2)): sqrt(6 / fan_in)."""
-    return math.sqrt(6.0 / fan_in)
-
-
-def fi_ratio(original: float, expanded: float) -> float:
-    """expanded / original, with x/0 -> inf and 0/0 -> nan (nothing measured: nan >= lambda is False, so
-    such a module never expands, whatever lambda)."""
-    if original > 0:
-        return expanded / original
-    return math.inf if expanded > 0 else math.nan
+from ..fisher_stats import (FisherScores, fi_scores, fisher_dtype, raise_on_nonfinite_inputs, statistics_shape,
+                            statistics_summary)
+from ..ops.capacity import kaiming_uniform_bound
+from ..ops.reference import cast
+from ..ops.selora_linear import SeLoRALinearFunction
+from .slots import register_adapter_parameter
 
 
 class SeLoRALinear(nn.Module):
@@ -98,9 +77,12 @@ class SeLoRALinear(nn.Module):
         self.register_buffer("live_rank", torch.tensor(r_init, dtype=torch.int64, device=weight.device))
         self.register_buffer("trial_row", torch.empty(in_features, **factory))
         self._rank = r_init  # host mirror of live_rank: no device sync to read the rank
+        # set when the buffers were reallocated in place (growth past capacity): DistributedDataParallel,
+        # built around the old sizes, no longer averages their gradients (expansion.distributed)
+        self.grown_in_place = False
         self._fisher_probe: Optional[torch.Tensor] = None
         self._per_sample_reduction = "mean"
-        bound = kaiming_bound(in_features)
+        bound = kaiming_uniform_bound(in_features)
         with torch.no_grad():
             self.lora_A[:r_init].uniform_(-bound, bound)
             self.trial_row.uniform_(-bound, bound)
@@ -126,6 +108,19 @@ class SeLoRALinear(nn.Module):
     @property
     def measuring(self) -> bool:
         return self._fisher_probe is not None
+
+    def set_live_rank(self, rank: int, *, device_written: bool = False) -> None:
+        """Sets the live rank: the host mirror `rank` and the `live_rank` device tensor together.
+
+        device_written: the device tensor already holds `rank` (ops.capacity.expand_slots_ wrote it), so
+        only the host mirror follows (no extra write per module)."""
+        if not 0 <= rank <= self.capacity:
+            raise ValueError(f"{self.selora_name}: live rank must be in 0..{self.capacity} (the capacity), "
+                             f"got {rank}")
+        if not device_written:
+            with torch.no_grad():
+                self.live_rank.fill_(rank)
+        self._rank = rank
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -156,9 +151,9 @@ class SeLoRALinear(nn.Module):
             probe, multiplier = None, 1.0
         flat = cast(x.reshape(-1, self.in_features), dtype)
         bias = cast(self.bias, dtype) if self.bias is not None else None
-        y = selora_linear_autograd(flat, cast(self.weight, dtype), bias, cast(self.lora_A, dtype),
-                                   cast(self.lora_B, dtype), cast(self.trial_row, dtype), self.live_rank, probe,
-                                   self.scale, num_samples, multiplier, probe is not None)
+        y = SeLoRALinearFunction.apply(flat, cast(self.weight, dtype), bias, cast(self.lora_A, dtype),
+                                       cast(self.lora_B, dtype), cast(self.trial_row, dtype), self.live_rank,
+                                       probe, self.scale, num_samples, multiplier, probe is not None)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     # ---------------------------------------------------------------- Fisher
@@ -171,14 +166,25 @@ class SeLoRALinear(nn.Module):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self._per_sample_reduction = reduction
-        self._fisher_probe = torch.zeros(FISHER_ROWS, self.capacity + 1, device=self.lora_A.device,
+        self._fisher_probe = torch.zeros(statistics_shape(self.capacity), device=self.lora_A.device,
                                          dtype=fisher_dtype(self.lora_A.dtype), requires_grad=True)
 
     def stop_measuring(self) -> None:
         self._fisher_probe = None
 
+    def reset_measuring(self) -> None:
+        """Discards the statistics accumulated so far and keeps measuring (no-op when not measuring). After
+        a growth past capacity the probe, whose width follows the capacity, is replaced."""
+        probe = self._fisher_probe
+        if probe is None:
+            return
+        if probe.shape != statistics_shape(self.capacity):
+            self.start_measuring(self._per_sample_reduction)
+        else:
+            probe.grad = None
+
     def fisher_statistics(self) -> torch.Tensor:
-        """(3, capacity + 1) sums of squared per-sample gradients; see ops.reference for the layout."""
+        """(3, capacity + 1) sums of squared per-sample gradients, in the layout of fisher_stats.py."""
         if self._fisher_probe is None:
             raise RuntimeError(f"{self.selora_name} is not measuring Fisher: call start_measuring() first")
         grad = self._fisher_probe.grad
@@ -189,20 +195,11 @@ class SeLoRALinear(nn.Module):
 
         Raises ValueError when inputs holding inf/NaN reached the module while it was measuring."""
         stats = self.fisher_statistics() if statistics is None else statistics
-        raise_on_nonfinite_inputs([self.selora_name], [float(stats[FISHER_ROW_COUNT, FISHER_COL_NONFINITE])])
-        return scores_from_statistics(stats, self.rank)
+        live, trial, samples, nonfinite = statistics_summary(stats, self.rank).tolist()
+        raise_on_nonfinite_inputs([self.selora_name], [nonfinite])
+        return fi_scores(live, trial, samples)
 
-    # ---------------------------------------------------------------- growth
-    def expand(self, optimizer=None, seed: Optional[int] = None) -> None:
-        """Adopts the trial row as live slot `rank` (zero B column), draws the next trial row.
-
-        Output is bit-identical before and after. Past capacity, the buffers (and the optimizer's state
-        for them) grow in place.
-        """
-        from .growth import expand_modules
-
-        expand_modules([self], optimizer=optimizer, seed=seed)
-
+    # ---------------------------------------------------------------- merging
     def merged_weight(self) -> torch.Tensor:
         """W0 + s B A over the live slots, in the base dtype (for merging into the base for inference)."""
         r = self.rank
@@ -258,20 +255,18 @@ def check_saved_adapter(name, lora_a, lora_b, rank, in_features, out_features) -
                          f"ranks disagree with its adapter tensors")
 
 
-def raise_on_nonfinite_inputs(names: Sequence[str], nonfinite_rows: Sequence[float]) -> None:
-    """ValueError naming every module whose measured inputs held inf/NaN (counts from the statistics)."""
-    bad = [f"{name} ({int(count)} input rows)" for name, count in zip(names, nonfinite_rows) if count > 0]
-    if bad:
-        raise ValueError(f"non-finite values in the input while measuring Fisher: {', '.join(bad[:5])}"
-                         f"{f' and {len(bad) - 5} more modules' if len(bad) > 5 else ''}")
-
-
-def scores_from_statistics(stats: torch.Tensor, rank: int) -> FisherScores:
-    """FisherScores from a (3, capacity + 1) statistics tensor at live rank `rank`."""
-    samples = float(stats[FISHER_ROW_COUNT, 0])
-    if samples <= 0:
-        return FisherScores(0.0, 0.0, math.nan, 0)
-    per_slot = (stats[FISHER_ROW_A] + stats[FISHER_ROW_B]).double() / samples
-    original = float(per_slot[:rank].sum())
-    expanded = original + float(per_slot[-1])
-    return FisherScores(original, expanded, fi_ratio(original, expanded), int(samples))
+def selora_modules(model_or_modules) -> Dict[str, SeLoRALinear]:
+    """Name -> SeLoRALinear of a model, a module, or a list/dict of them (names: `selora_name`)."""
+    if isinstance(model_or_modules, SeLoRALinear):
+        return {model_or_modules.selora_name: model_or_modules}
+    if isinstance(model_or_modules, nn.Module):
+        return {m.selora_name: m for m in model_or_modules.modules() if isinstance(m, SeLoRALinear)}
+    items = list(model_or_modules.values()) if isinstance(model_or_modules, dict) else list(model_or_modules)
+    found: Dict[str, SeLoRALinear] = {}
+    for item in items:
+        for name, module in selora_modules(item).items():
+            if name in found and found[name] is not module:
+                raise ValueError(f"two different SeLoRA modules are both named {name!r}: inject each model "
+                                 f"with its own prefix (e.g. 'unet', 'text_encoder')")
+            found[name] = module
+    return found

@@ -8,7 +8,7 @@ could load it. The fallbacks are the reference semantics and never read a device
 
     grow_capacity_  grow buffers along their slot dimension in place (new slots zero, same objects)
     expand_slots_   adopt the trial row K of many modules at once and draw the next trial rows
-    adam_step_      multi-tensor AdamW with one step counter per slot (KERNEL_NOTES section 7)
+    adam_step_      multi-tensor AdamW with one step counter per slot (optim/selora_adamw.py says why)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._extension import has_extension
+from .._extension import extension_status, has_extension
 
 __all__ = ["grow_capacity_", "expand_slots_", "adam_step_", "kaiming_uniform_bound", "BACKENDS"]
 
@@ -32,8 +32,6 @@ def _use_extension(backend: str) -> bool:
         return has_extension()
     if backend == "extension":
         if not has_extension():
-            from .._extension import extension_status  # noqa: PLC0415
-
             raise RuntimeError(
                 "backend='extension' but the selora_ext extension is not loaded "
                 f"(route: {extension_status()}); see selora_kernels._extension")
@@ -42,7 +40,9 @@ def _use_extension(backend: str) -> bool:
 
 
 def kaiming_uniform_bound(in_features: int) -> float:
-    """Bound of nn.init.kaiming_uniform_(a=0) for a row of `in_features` inputs: sqrt(6 / in)."""
+    """Bound of nn.init.kaiming_uniform_(a=0) (gain sqrt(2)) for a row of `in_features` inputs: sqrt(6 / in).
+
+    The one bound of the library: initial adapter rows, trial rows and the C++ expand_slots_ draw from it."""
     return math.sqrt(6.0 / in_features)
 
 

@@ -1,11 +1,11 @@
 """CUDA implementations of `selora::linear` and `selora::linear_backward` (Triton), with a per-shape dispatch.
 
-Registered on the CustomOpDefs of ops/selora_linear.py when triton is importable; the import of this
-module itself never imports triton (kernels load on the first CUDA call), so it is cheap and works on
-machines without triton or without a GPU.
+`forward_cuda` / `backward_cuda` are registered as the ops' CUDA kernels by ops/selora_linear.py. Importing
+this module never imports triton (the kernel modules load on the first fused call), so it is cheap and
+works on machines without triton or without a GPU: there every call takes the reference path.
 
-Forward paths (`choose_forward_path`, a table of rules; thresholds from the roofline of KERNEL_NOTES
-section 8, not yet measured on a GPU - revisit with bench/):
+Forward paths (`choose_forward_path`, a table of rules; thresholds from a roofline model of the SD shapes,
+docs/kernel_design.md, not yet measured on a GPU - revisit with bench/):
 
 | rule (first match)                                                    | path      |
 |-----------------------------------------------------------------------|-----------|
@@ -35,15 +35,15 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from ..kernels import configs
-from .reference import backward_reference, forward_reference
-from .selora_linear import autocast_off, register_device_kernels, selora_linear, selora_linear_backward
+from ..fisher_stats import statistics_width
+from ..kernels import launch_table
+from .reference import autocast_off, backward_reference, forward_reference
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 FORWARD_PATHS = ("fused", "merged", "reference")
 BACKWARD_PATHS = ("fused", "reference")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Merged forward threshold: the layer is compute-bound (KERNEL_NOTES section 8.2: d >= 640 at M = 32768).
+# Merged forward threshold: the layer is compute-bound (roofline of docs/kernel_design.md: d >= 640 at M = 32768).
 MERGED_MIN_ROWS = 4096
 MERGED_MIN_WEIGHT = 640 * 640
 
@@ -67,16 +67,20 @@ def force_path(op: str, path: Optional[str]) -> None:
 
 
 def _fits_triton(dtype: torch.dtype, slots: int) -> bool:
-    return TRITON_AVAILABLE and dtype in _TRITON_DTYPES and slots <= configs.MAX_CAPACITY_SLOTS
+    return TRITON_AVAILABLE and dtype in _TRITON_DTYPES and slots <= launch_table.MAX_CAPACITY_SLOTS
 
 
 def choose_forward_path(rows: int, in_features: int, out_features: int, capacity: int, dtype: torch.dtype,
-                        training: bool) -> str:
+                        same_dtype: bool = True) -> str:
     """"fused", "merged" or "reference" for one forward call (table in the module docstring).
 
-    `training` does not change the choice today: the backward is a separate op with its own dispatch and
-    neither forward path saves anything extra for it."""
-    del training
+    same_dtype: x, W0, b0, A and B share `dtype` (else only the reference casts them). A path forced with
+    `force_path` replaces the table, but a fused launch the kernels cannot take still falls back."""
+    if not same_dtype:
+        return "reference"
+    forced = _forced_paths["forward"]
+    if forced is not None:
+        return "reference" if forced == "fused" and not _fits_triton(dtype, capacity) else forced
     if not _fits_triton(dtype, capacity):
         return "reference"
     if rows >= MERGED_MIN_ROWS and in_features * out_features >= MERGED_MIN_WEIGHT:
@@ -84,8 +88,12 @@ def choose_forward_path(rows: int, in_features: int, out_features: int, capacity
     return "fused"
 
 
-def choose_backward_path(capacity: int, dtype: torch.dtype, measuring: bool) -> str:
-    return "fused" if _fits_triton(dtype, capacity + 1 if measuring else capacity) else "reference"
+def choose_backward_path(capacity: int, dtype: torch.dtype, measuring: bool, same_dtype: bool = True) -> str:
+    """"fused" when the kernels take the dtype and the slots (the trial slot too while measuring), unless
+    `force_path` asks for the reference; "reference" otherwise."""
+    if not (same_dtype and _fits_triton(dtype, statistics_width(capacity, measuring))):
+        return "reference"
+    return _forced_paths["backward"] or "fused"
 
 
 def merged_forward(x, weight, bias, lora_a, lora_b, scale):
@@ -106,56 +114,36 @@ def _same_dtype(*tensors) -> bool:
     return all(t is None or t.dtype == dtype for t in tensors)
 
 
-def selora_linear_cuda(x, weight, bias, lora_a, lora_b, trial_row, live_rank, fisher_probe, scale,
-                       num_samples, per_sample_multiplier, measuring):
-    with autocast_off("cuda"):
-        return _forward_cuda(x, weight, bias, lora_a, lora_b, scale)
-
-
-def _forward_cuda(x, weight, bias, lora_a, lora_b, scale):
-    path = _forced_paths["forward"] or choose_forward_path(x.shape[0], x.shape[1], weight.shape[0],
-                                                           lora_a.shape[0], x.dtype, torch.is_grad_enabled())
-    if path != "reference" and not _same_dtype(x, weight, bias, lora_a, lora_b):
-        path = "reference"
-    if path == "fused" and not _fits_triton(x.dtype, lora_a.shape[0]):
-        path = "reference"
+def forward_cuda(x, weight, bias, lora_a, lora_b, scale, live_rank):
+    """The CUDA kernel of `selora::linear`: same contract as ops.reference.forward_reference."""
+    path = choose_forward_path(x.shape[0], x.shape[1], weight.shape[0], lora_a.shape[0], x.dtype,
+                               _same_dtype(x, weight, bias, lora_a, lora_b))
     _last_paths["forward"] = path
-    if path == "fused":
+    if path == "reference":
+        return forward_reference(x, weight, bias, lora_a, lora_b, scale, live_rank)
+    with autocast_off("cuda"):
+        if path == "merged":
+            return merged_forward(x, weight, bias, lora_a, lora_b, scale)
+        # triton is optional: the kernel module (which imports it) loads on the first fused call
         from ..kernels.selora_linear_forward import selora_linear_forward_triton
 
         return selora_linear_forward_triton(x, weight, bias, lora_a, lora_b, scale)
-    if path == "merged":
-        return merged_forward(x, weight, bias, lora_a, lora_b, scale)
-    return forward_reference(x, weight, bias, lora_a, lora_b, scale)
 
 
-def selora_linear_backward_cuda(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale, num_samples,
-                                per_sample_multiplier, measuring, compute_grad_x):
-    with autocast_off("cuda"):
-        return _backward_cuda(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale, num_samples,
-                              per_sample_multiplier, measuring, compute_grad_x)
-
-
-def _backward_cuda(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale, num_samples,
-                   per_sample_multiplier, measuring, compute_grad_x):
-    capacity = lora_a.shape[0]
-    path = _forced_paths["backward"] or choose_backward_path(capacity, x.dtype, measuring)
-    if not (_same_dtype(grad_y, x, weight, lora_a, lora_b, trial_row)
-            and _fits_triton(x.dtype, capacity + 1 if measuring else capacity)):
-        path = "reference"
+def backward_cuda(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale, num_samples,
+                  per_sample_multiplier, measuring, compute_grad_x):
+    """The CUDA kernel of `selora::linear_backward`: same contract as ops.reference.backward_reference."""
+    path = choose_backward_path(lora_a.shape[0], x.dtype, measuring,
+                                _same_dtype(grad_y, x, weight, lora_a, lora_b, trial_row))
     _last_paths["backward"] = path
-    if path == "fused":
-        from ..kernels.selora_linear_backward import selora_linear_backward_triton
+    if path == "reference":
+        return backward_reference(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale, num_samples,
+                                  per_sample_multiplier, measuring, compute_grad_x)
+    # triton is optional: the kernel module (which imports it) loads on the first fused call
+    from ..kernels.selora_linear_backward import selora_linear_backward_triton
 
-        if live_rank.device != x.device:
-            live_rank = live_rank.to(x.device, non_blocking=True)
+    if live_rank.device != x.device:
+        live_rank = live_rank.to(x.device, non_blocking=True)
+    with autocast_off("cuda"):
         return selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale,
                                              num_samples, per_sample_multiplier, measuring, compute_grad_x)
-    return backward_reference(grad_y.contiguous(), x, weight, lora_a, lora_b, trial_row, live_rank, scale,
-                              num_samples, per_sample_multiplier, measuring, compute_grad_x)
-
-
-if TRITON_AVAILABLE:
-    selora_linear.register_kernel("cuda")(selora_linear_cuda)
-    selora_linear_backward.register_kernel("cuda")(selora_linear_backward_cuda)
-    register_device_kernels("cuda", selora_linear_cuda, selora_linear_backward_cuda)

@@ -1,6 +1,6 @@
 """Plain PyTorch math of the SeLoRA linear: the CPU implementation and the oracle of every kernel.
 
-Notation (SELORA_SPEC.md section 1-2): frozen W0 (out x in), b0; capacity buffers A (cap x in),
+Notation (docs/algorithm.md): frozen W0 (out x in), b0; capacity buffers A (cap x in),
 B (out x cap) whose first `live_rank` slots are live and the rest exactly zero; scale s; a trial slot
 (row K = `trial_row` in A, a zero column in B) that exists only while Fisher is measured.
 
@@ -15,30 +15,29 @@ the gradient of the *batch* loss, so each per-sample gradient is `per_sample_mul
 (N for a mean-reduced loss, 1 for a sum).
 
 All low-rank intermediates and every Fisher partial are kept in fp32 (float64 stays float64), whatever the
-input dtype: a bf16 `x A^T` is the precision bug KERNEL_NOTES section 2 records.
+input dtype: a bf16 `x A^T` is a precision bug (docs/kernel_design.md).
 
 Shapes never depend on the live rank: the products run over the whole capacity, so a growth within
 capacity changes no shape and the output is bit-identical before and after (the new B column is zero).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..config import default_capacity, next_capacity
+from ..fisher_stats import (FISHER_COL_NONFINITE, FISHER_COL_SAMPLES, FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT,
+                            fisher_dtype, statistics_shape)
 
-# Rows of the Fisher statistics tensor returned by the backward, shape (3, capacity + 1):
-# column k < capacity is slot k, column `capacity` is the trial slot.
-FISHER_ROW_A = 0  # sum over samples of ||dL_i/dA[k, :]||^2
-FISHER_ROW_B = 1  # sum over samples of ||dL_i/dB[:, k]||^2
-FISHER_ROW_COUNT = 2  # column 0: number of samples accumulated; column 1: FISHER_COL_NONFINITE
-FISHER_ROWS = 3
-# Input rows holding inf/NaN, counted from the trial column x . trial_row that the measuring backward already
-# forms, so the check costs no pass over x and no host sync; the statistics' readers (the controller before
-# the optimizer step, nn.SeLoRALinear.fisher_scores, expansion.fisher) raise on it, naming the module.
-FISHER_COL_NONFINITE = 1
+
+def autocast_off(device_type: str):
+    """Autocast stays on inside op implementations; the caller already chose the compute dtype."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,11 +48,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """tensor.to(dtype), skipping the dispatcher round trip when it is already of that dtype (hot path)."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
-def fisher_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Fisher statistics are fp32, or fp64 for fp64 inputs (the oracle tests)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def live_slot_mask(live_rank: torch.Tensor, capacity: int, dtype: torch.dtype) -> torch.Tensor:
@@ -89,66 +83,74 @@ def _slot_blocks(capacity: int, live_rank: Optional[int]):
 
 def forward_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                      live_rank: Optional[int] = None) -> torch.Tensor:
-    """y = x W0^T + b0 + s (x A^T) B^T for 2-D x (M x in); `live_rank` (host int) lets dead blocks be skipped."""
-    acc = accumulation_dtype(x.dtype)
-    y = cast(F.linear(x, weight, bias), acc)
-    xa = cast(x, acc)
-    for start, stop in _slot_blocks(lora_a.shape[0], live_rank):
-        low_rank = F.linear(xa, cast(lora_a[start:stop], acc))  # dead slots give exact zeros
-        y.addmm_(low_rank, cast(lora_b[:, start:stop], acc).t(), alpha=scale)
-    return cast(y, x.dtype)
+                      live_rank: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x W0^T + b0 + s (x A^T) B^T for 2-D x (M x in): the op's CPU implementation and the oracle.
+
+    `live_rank` (0-d tensor) lets blocks of dead slots be skipped when it lives on the CPU (no sync)."""
+    live = host_live_rank(live_rank) if live_rank is not None else None
+    with autocast_off(x.device.type):
+        acc = accumulation_dtype(x.dtype)
+        y = cast(F.linear(x, weight, bias), acc)
+        xa = cast(x, acc)
+        for start, stop in _slot_blocks(lora_a.shape[0], live):
+            low_rank = F.linear(xa, cast(lora_a[start:stop], acc))  # dead slots give exact zeros
+            y.addmm_(low_rank, cast(lora_b[:, start:stop], acc).t(), alpha=scale)
+        return cast(y, x.dtype)
 
 
 def backward_reference(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                       lora_a: torch.Tensor, lora_b: torch.Tensor, trial_row: torch.Tensor,
+                       lora_a: torch.Tensor, lora_b: torch.Tensor, trial_row: Optional[torch.Tensor],
                        live_rank: torch.Tensor, scale: float, num_samples: int,
                        per_sample_multiplier: float, measuring: bool, compute_grad_x: bool):
     """Returns (grad_x, grad_a, grad_b, fisher_stats).
 
-    grad_x is an empty tensor when not requested; fisher_stats is (3, capacity + 1) fp32 (zeros when not
-    measuring). Dead slots get exactly zero gradient whatever their contents: on the CPU only the live
-    slots are computed, on a device every slot is computed and the dead ones masked (no host sync).
+    The op's CPU implementation and the oracle. trial_row is read only while measuring. grad_x is an empty
+    tensor when not requested; fisher_stats has the layout of fisher_stats.py, fp32 (zeros when not
+    measuring). Dead slots get exactly zero gradient whatever their contents: on the CPU only the live slots
+    are computed, on a device every slot is computed and the dead ones masked (no host sync).
     """
-    acc = accumulation_dtype(x.dtype)
-    capacity = lora_a.shape[0]
-    live = host_live_rank(live_rank)
-    slots = capacity if live is None else min(live, capacity)
-    g = cast(grad_y, acc)
-    xa = cast(x, acc)
-    a = cast(lora_a[:slots], acc)
-    b = cast(lora_b[:, :slots], acc)
-    proj_grad = g @ b  # P = dy B, (M, slots)
-    low_rank = xa @ a.t()  # U = x A^T, (M, slots)
-    if live is None:
-        mask = live_slot_mask(live_rank, capacity, acc)
-        proj_grad.mul_(mask)
-        low_rank.mul_(mask)
-    grad_a = lora_a.new_zeros(lora_a.shape, dtype=acc)
-    grad_b = lora_b.new_zeros(lora_b.shape, dtype=acc)
-    fisher = torch.zeros(FISHER_ROWS, capacity + 1, dtype=fisher_dtype(x.dtype), device=x.device)
-    if measuring:
-        # the batch gradients are the sums of the per-sample ones: no separate dA / dB products
-        per_sample_a, per_sample_b, u_ext = per_sample_gradients(g, xa, proj_grad, low_rank,
-                                                                 cast(trial_row, acc), num_samples)
-        torch.sum(per_sample_a, dim=0, out=grad_a[:slots]).mul_(scale)
-        grad_b[:, :slots] = per_sample_b[..., :slots].sum(dim=0).mul_(scale)
-        fisher_scale = (scale * per_sample_multiplier) ** 2
-        fisher[FISHER_ROW_A, :slots] = per_sample_a.square().sum(dim=(0, 2)).mul_(fisher_scale)
-        fisher[FISHER_ROW_B, :slots] = per_sample_b[..., :slots].square().sum(dim=(0, 1)).mul_(fisher_scale)
-        fisher[FISHER_ROW_B, -1] = per_sample_b[..., -1].square().sum().mul_(fisher_scale)
-        fisher[FISHER_ROW_COUNT, 0] = num_samples  # the trial A row's Fisher stays 0: its B column is zero
-        # rows of x holding inf/NaN: their trial column x . trial_row is not finite (any weight times inf or
-        # NaN is); the live columns are left out so that a diverged adapter is not blamed on the input
-        fisher[FISHER_ROW_COUNT, FISHER_COL_NONFINITE] = torch.isfinite(u_ext[:, -1]).logical_not().sum()
-    else:
-        torch.mm(proj_grad.t(), xa, out=grad_a[:slots]).mul_(scale)
-        grad_b[:, :slots] = (g.t() @ low_rank).mul_(scale)
-    if compute_grad_x:
-        grad_x = cast(cast(F.linear(grad_y, weight.t()), acc).addmm_(proj_grad, a, alpha=scale), x.dtype)
-    else:
-        grad_x = x.new_empty(0)
-    return grad_x, cast(grad_a, lora_a.dtype), cast(grad_b, lora_b.dtype), fisher
+    with autocast_off(x.device.type):
+        acc = accumulation_dtype(x.dtype)
+        capacity = lora_a.shape[0]
+        live = host_live_rank(live_rank)
+        slots = capacity if live is None else min(live, capacity)
+        grad_y = grad_y.contiguous()
+        g = cast(grad_y, acc)
+        xa = cast(x, acc)
+        a = cast(lora_a[:slots], acc)
+        b = cast(lora_b[:, :slots], acc)
+        proj_grad = g @ b  # P = dy B, (M, slots)
+        low_rank = xa @ a.t()  # U = x A^T, (M, slots)
+        if live is None:
+            mask = live_slot_mask(live_rank, capacity, acc)
+            proj_grad.mul_(mask)
+            low_rank.mul_(mask)
+        grad_a = lora_a.new_zeros(lora_a.shape, dtype=acc)
+        grad_b = lora_b.new_zeros(lora_b.shape, dtype=acc)
+        fisher = torch.zeros(statistics_shape(capacity), dtype=fisher_dtype(x.dtype), device=x.device)
+        if measuring:
+            # the batch gradients are the sums of the per-sample ones: no separate dA / dB products
+            per_sample_a, per_sample_b, u_ext = per_sample_gradients(g, xa, proj_grad, low_rank,
+                                                                     cast(trial_row, acc), num_samples)
+            torch.sum(per_sample_a, dim=0, out=grad_a[:slots]).mul_(scale)
+            grad_b[:, :slots] = per_sample_b[..., :slots].sum(dim=0).mul_(scale)
+            fisher_scale = (scale * per_sample_multiplier) ** 2
+            fisher[FISHER_ROW_A, :slots] = per_sample_a.square().sum(dim=(0, 2)).mul_(fisher_scale)
+            fisher[FISHER_ROW_B, :slots] = per_sample_b[..., :slots].square().sum(dim=(0, 1)).mul_(fisher_scale)
+            fisher[FISHER_ROW_B, -1] = per_sample_b[..., -1].square().sum().mul_(fisher_scale)
+            # the trial A row's Fisher stays 0: its B column is zero
+            fisher[FISHER_ROW_COUNT, FISHER_COL_SAMPLES] = num_samples
+            # rows of x holding inf/NaN: their trial column x . trial_row is not finite (any weight times inf or
+            # NaN is); the live columns are left out so that a diverged adapter is not blamed on the input
+            fisher[FISHER_ROW_COUNT, FISHER_COL_NONFINITE] = torch.isfinite(u_ext[:, -1]).logical_not().sum()
+        else:
+            torch.mm(proj_grad.t(), xa, out=grad_a[:slots]).mul_(scale)
+            grad_b[:, :slots] = (g.t() @ low_rank).mul_(scale)
+        if compute_grad_x:
+            grad_x = cast(cast(F.linear(grad_y, weight.t()), acc).addmm_(proj_grad, a, alpha=scale), x.dtype)
+        else:
+            grad_x = x.new_empty(0)
+        return grad_x, cast(grad_a, lora_a.dtype), cast(grad_b, lora_b.dtype), fisher
 
 
 def per_sample_gradients(g: torch.Tensor, x: torch.Tensor, proj_grad: torch.Tensor, low_rank: torch.Tensor,

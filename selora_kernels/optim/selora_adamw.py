@@ -1,11 +1,11 @@
 """AdamW that knows capacity buffers: one step counter per slot.
 
 torch's Adam keeps one `step` per Parameter, so a slot that goes live at step k would get the bias
-corrections of step k: its first updates come out 3-6x too large (KERNEL_NOTES section 7). Here every slot
+corrections of step k: its first updates come out 3-6x too large (docs/algorithm.md). Here every slot
 of an adapter buffer counts its own steps from the moment it goes live, so a slot grown at step k moves
 exactly as a fresh Adam would. Dead slots are never touched (no moments, no decay, no update).
 
-Adapter Parameters are recognised through `adapter_registry` (SeLoRALinear registers its A and B there);
+Adapter Parameters are recognised through `nn/slots.py` (SeLoRALinear registers its A and B there);
 any other Parameter gets the ordinary AdamW update. With weight_decay=0 this is Adam.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import math
 
 import torch
 
+from ..nn.slots import live_rank_of, slot_dim_of
 from ..ops.capacity import adam_step_
-from .adapter_registry import live_rank_of, slot_dim_of
 
 
 class SeLoRAAdamW(torch.optim.Optimizer):

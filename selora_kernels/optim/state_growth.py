@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from .adapter_registry import slot_dim_of
+from ..nn.slots import slot_dim_of
 from .selora_adamw import SeLoRAAdamW
 
 SUPPORTED_OPTIMIZERS = "SeLoRAAdamW, torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD"

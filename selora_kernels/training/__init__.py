@@ -1,2 +1,2 @@
-"""Fine-tuning on top of the library: datasets, the tiny offline pipeline, adapter methods, the training
-loop, rank heatmaps and the program entry point (run_finetune)."""
+"""Fine-tuning on top of the library: the training loop (trainer) and its checkpoints (checkpoints).
+Datasets and the tiny pipeline are in selora_kernels.data, the adapter methods in selora_kernels.methods."""

@@ -1,20 +1,17 @@
 """The fine-tuning loop: epsilon-prediction MSE on a Stable Diffusion pipeline with a pluggable adapter method.
 
 Per step: VAE latents (frozen), noise and timesteps uniform in 0..num_train_timesteps-1 drawn from a
-generator seeded by (seed, step) (so a resumed run draws exactly what the original would), text encoder +
+generator seeded by seed_mix(seed, step) (so a resumed run draws exactly what the original would), text encoder +
 UNet forward (both adapted), MSE to the noise, backward, optimizer step, the method's hook (SeLoRA: the
 expansion test every t steps). Validation each epoch keeps the best adapter. Every `log_every` steps a log
 row goes to CSV and TensorBoard; every `checkpoint_every` steps an atomic checkpoint (adapter, optimizer,
-step, method state) is written, so a crash loses at most the steps since the last one.
+step, method state; see checkpoints.py) is written, so a crash loses at most the steps since the last one.
 """
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,17 +21,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .methods import AdapterMethod
+from ..data.seeds import seed_mix
+from ..methods.base import AdapterMethod
+from ..optim.state_growth import unwrap_optimizer
+from .checkpoints import (ADAPTER_FILE, CHECKPOINT_DIR, checkpoint_name, load_checkpoint, move_previous_run_aside,
+                          resolve_checkpoint, restore_training_state, save_checkpoint)
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoints"
-LATEST = "latest.json"
-ADAPTER_FILE = "adapter.safetensors"
-STATE_FILE = "training_state.pt"
-# what a run writes into its output folder (the tiny pipeline cache is shared and stays)
-RUN_OUTPUTS = (CHECKPOINT_DIR, "best", "tensorboard", "train_log.csv", "validation.csv", "expansions.csv",
-               ADAPTER_FILE, "peft_lora", "final_ranks.json", "rank_heatmap.png")
 
 
 @dataclass
@@ -72,30 +65,15 @@ class TrainResult:
     history: List[dict] = field(default_factory=list)
 
 
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
-
-
-def _write_json_atomic(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
-
-
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint folder from a checkpoint folder or an output folder (via checkpoints/latest.json)."""
-    path = Path(path)
-    if (path / STATE_FILE).is_file():
-        return path
-    latest = path / CHECKPOINT_DIR / LATEST
-    if latest.is_file():
-        return path / CHECKPOINT_DIR / json.loads(latest.read_text())["checkpoint"]
-    raise FileNotFoundError(f"--resume {path}: neither a checkpoint folder (with {STATE_FILE}) nor an output "
-                            f"folder with {CHECKPOINT_DIR}/{LATEST}")
+def total_steps(epochs: int, train_size: int, batch_size: int, max_steps: Optional[int] = None) -> int:
+    """Optimizer steps of a run: epochs x ceil(train_size / batch_size), capped by max_steps."""
+    steps = epochs * math.ceil(train_size / batch_size)
+    return min(steps, max_steps) if max_steps is not None else steps
 
 
 class Trainer:
     def __init__(self, pipe, method: AdapterMethod, train_dataset, validation_dataset, options: TrainOptions):
+        # accelerate / diffusers: imported when a trainer is built, not by everything that imports training/
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
 
@@ -116,7 +94,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()  # the log's peak memory is this run's, not the process's
         self.resume_state = None
         if options.resume:
-            self.resume_state = self._load_checkpoint(resolve_checkpoint(options.resume))
+            self.resume_state = load_checkpoint(resolve_checkpoint(options.resume), method, options)
         self.optimizer = method.make_optimizer(options.lr)
         device = self.accelerator.device
         self.vae.to(device)
@@ -125,26 +103,20 @@ class Trainer:
         method.attach(self.optimizer, grad_scaler=self.accelerator.scaler)
         self.step, self.best_validation = 0, math.inf
         if self.resume_state is not None:
-            self._restore_training_state(self.resume_state)
+            restore_training_state(self.resume_state, self._optimizer(), method)
+            self.step = int(self.resume_state["step"])
+            self.best_validation = float(self.resume_state["best_validation"])
         self.steps_per_epoch = math.ceil(len(train_dataset) / options.batch_size)
         self.log_path = self.output_dir / "train_log.csv"
         self.writer = None
         if options.tensorboard and self.accelerator.is_main_process:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # tensorboard: only when its log is wanted
 
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
 
     def _move_previous_run_aside(self) -> None:
-        """A fresh run in a folder that holds another run's outputs: move them to previous-<time>/ (nothing
-        is deleted, and a later --resume cannot pick up the other run's checkpoints)."""
-        leftovers = [self.output_dir / name for name in RUN_OUTPUTS if (self.output_dir / name).exists()]
-        if leftovers and self.accelerator.is_main_process:
-            aside = self.output_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-            aside.mkdir()
-            for path in leftovers:
-                os.replace(path, aside / path.name)
-            logger.warning("%s held the outputs of an earlier run: moved to %s (use --resume to continue a run)",
-                           self.output_dir, aside)
+        if self.accelerator.is_main_process:
+            move_previous_run_aside(self.output_dir)
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ one step
@@ -154,7 +126,7 @@ class Trainer:
         # one noise stream per (step, process): under multi-process training each process gets its own
         # shard of the batch (see _shard) and its own noise; a single process keeps the (seed, step) stream
         world, rank = (self.accelerator.num_processes, self.accelerator.process_index) if per_process else (1, 0)
-        gen = _step_generator(self.options.seed, step * world + rank)
+        gen = torch.Generator().manual_seed(seed_mix(self.options.seed, step * world + rank))
         with torch.no_grad():
             pixels = batch["pixel_values"].to(device, dtype=self.vae.dtype)
             posterior = self.vae.encode(pixels).latent_dist
@@ -224,18 +196,16 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
         options = self.options
-        total_steps = options.epochs * self.steps_per_epoch
-        if options.max_steps is not None:
-            total_steps = min(total_steps, options.max_steps)
+        run_steps = total_steps(options.epochs, len(self.train_dataset), options.batch_size, options.max_steps)
         self._trim_logs(self.step)
-        bar = tqdm(total=total_steps, initial=min(self.step, total_steps), desc="fine-tune",
+        bar = tqdm(total=run_steps, initial=min(self.step, run_steps), desc="fine-tune",
                    disable=not (options.progress and self.accelerator.is_main_process), dynamic_ncols=True)
         window_loss, window_time, window_steps = 0.0, 0.0, 0
         validation_rows, loss = [], math.nan
         checkpoint_after_validation = False
         start_epoch = self.step // self.steps_per_epoch
         for epoch in range(start_epoch, options.epochs):
-            if self.step >= total_steps:
+            if self.step >= run_steps:
                 break
             loader = torch.utils.data.DataLoader(self.train_dataset, batch_size=options.batch_size, shuffle=True,
                                                  generator=torch.Generator().manual_seed(options.seed + epoch))
@@ -243,7 +213,7 @@ class Trainer:
             for index, batch in enumerate(loader):
                 if index < skip:
                     continue
-                if self.step >= total_steps:
+                if self.step >= run_steps:
                     break
                 began = time.perf_counter()
                 loss = self.train_step(batch)
@@ -255,11 +225,11 @@ class Trainer:
                     self._log_row(epoch, window_loss / window_steps, window_time / window_steps)
                     window_loss, window_time, window_steps = 0.0, 0.0, 0
                 if self.step % (options.checkpoint_every or options.log_every) == 0:
-                    if self.step == (epoch + 1) * self.steps_per_epoch or self.step >= total_steps:
+                    if self.step == (epoch + 1) * self.steps_per_epoch or self.step >= run_steps:
                         checkpoint_after_validation = True  # so the checkpoint holds this epoch's best
                     else:
                         self.save_checkpoint(epoch)
-            if self.step == (epoch + 1) * self.steps_per_epoch or self.step >= total_steps:
+            if self.step == (epoch + 1) * self.steps_per_epoch or self.step >= run_steps:
                 validation = self.validate()
                 improved = validation < self.best_validation
                 if improved:
@@ -334,37 +304,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _optimizer(self):
-        return getattr(self.optimizer, "optimizer", self.optimizer)
+        return unwrap_optimizer(self.optimizer)  # accelerate wraps the torch optimizer
 
     def save_checkpoint(self, epoch: int) -> Path:
-        """Writes checkpoints/step-XXXXXX atomically (temp folder + rename), then points latest.json at it."""
-        root = self.output_dir / CHECKPOINT_DIR
-        name = f"step-{self.step:07d}"
-        final = root / name
+        """Writes checkpoints/step-XXXXXXX (checkpoints.save_checkpoint) from the main process."""
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
-            return final  # processes hold identical adapters and optimizer state: one writer
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".tmp-{name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        self.method.save(tmp / ADAPTER_FILE, extra_metadata={"step": self.step})
-        torch.save({"step": self.step, "epoch": epoch, "best_validation": self.best_validation,
-                    "optimizer": self._optimizer().state_dict(), "method_state": self.method.state_dict(),
-                    "method": self.method.describe(), "options": asdict(self.options)}, tmp / STATE_FILE)
-        replaced = None
-        if final.exists():  # the same step saved again (end of training, resume): the new one wins
-            replaced = root / f".old-{name}-{os.getpid()}"
-            os.replace(final, replaced)
-        os.replace(tmp, final)
-        _write_json_atomic(root / LATEST, {"checkpoint": name, "step": self.step})
-        if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
-        older = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-                       and int(p.name.split("-")[1]) < self.step)
-        for stale in older[:max(len(older) - (self.options.keep_checkpoints - 1), 0)]:
-            shutil.rmtree(stale, ignore_errors=True)
-        return final
+            # processes hold identical adapters and optimizer state: one writer
+            return self.output_dir / CHECKPOINT_DIR / checkpoint_name(self.step)
+        return save_checkpoint(self.output_dir, self.step, epoch, self.method, self._optimizer(),
+                               self.best_validation, asdict(self.options), self.options.keep_checkpoints)
 
     def _save_best(self, epoch: int, validation: float) -> None:
         if not self.accelerator.is_main_process:
@@ -372,41 +321,4 @@ class Trainer:
         best = self.output_dir / "best"
         self.method.save(best / ADAPTER_FILE, extra_metadata={"step": self.step, "epoch": epoch,
                                                               "validation_loss": validation})
-        try:
-            self.method.export(best)
-        except NotImplementedError:
-            pass
-
-    def _load_checkpoint(self, folder: Path) -> dict:
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
-        saved, current = state["method"], self.method.describe()
-        for key in sorted(set(saved) | set(current)):
-            if saved.get(key) != current.get(key):
-                raise ValueError(f"--resume {folder}: the checkpoint was trained with {key}={saved.get(key)!r}, "
-                                 f"this run has {key}={current.get(key)!r}; resume with the same settings")
-        for key in ("batch_size", "seed"):
-            if state["options"].get(key) != getattr(self.options, key):
-                raise ValueError(f"--resume {folder}: the checkpoint used {key}={state['options'].get(key)!r}, "
-                                 f"this run has {key}={getattr(self.options, key)!r}")
-        self.method.load(folder / ADAPTER_FILE)  # ranks and capacities first: the optimizer state fits them
-        logger.info("resuming from %s at step %d", folder, state["step"])
-        return state
-
-    def _restore_training_state(self, state: dict) -> None:
-        optimizer = self._optimizer()
-        saved = state["optimizer"]
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        saved_count = sum(len(g["params"]) for g in saved["param_groups"])
-        if saved_count != len(params):
-            raise ValueError(f"--resume: the checkpoint's optimizer holds {saved_count} parameters, this run's "
-                             f"holds {len(params)}: a different model or target set")
-        for index, param in enumerate(params):
-            for key, value in saved["state"].get(index, {}).items():
-                if isinstance(value, torch.Tensor) and value.dim() == param.dim() and value.shape != param.shape:
-                    raise ValueError(f"--resume: optimizer state {key!r} of parameter {index} has shape "
-                                     f"{tuple(value.shape)}, the parameter has {tuple(param.shape)}: the "
-                                     f"checkpoint's ranks/capacities disagree with its adapter file")
-        optimizer.load_state_dict(saved)
-        self.method.load_state_dict(state["method_state"])
-        self.step = int(state["step"])
-        self.best_validation = float(state["best_validation"])
+        self.method.export(best)

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .method import AdapterMethod, set_submodule
+from ..integrations.targets import set_submodule
+from .base import AdapterMethod
 
 
 class DyLoRALinear(nn.Module):
@@ -88,9 +89,9 @@ class DyLoRAMethod(AdapterMethod):
 
     name = "dylora"
 
-    def __init__(self, max_rank: int = 4, alpha=None, seed: int = 0, target_modules="reference_code",
-                 parts=("unet", "text_encoder")):
-        super().__init__(target_modules, parts, seed)
+    def __init__(self, max_rank: int = 4, alpha=None, seed: int = 0, target_modules="released_script",
+                 parts=("unet", "text_encoder"), exclude_modules=()):
+        super().__init__(target_modules, parts, seed, exclude_modules)
         if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
             raise ValueError(f"DyLoRAMethod: max_rank must be an int >= 1, got {max_rank!r}")
         self.max_rank = max_rank

@@ -9,13 +9,14 @@ UNet -- so the method does them by hand:
 - the orthogonal regulariser R = mean over adapter matrices P of ||P P^T - I||_F (A: P = A; B: P = B^T),
   weighted by orth_reg_weight, returned by `extra_loss()` for the trainer to add to the diffusion loss;
 - `update_and_allocate(step)` after optimizer.step() and before zero_grad() (it reads the gradients). HF
-  Trainer does not call it either (peft issues #1801, #1327): ranks then stay at init_r. `attach(optimizer)`
+  Trainer does not call it either (a known peft limitation): ranks then stay at init_r. `attach(optimizer)`
   registers it as a post-hook of the optimizer's step, so it runs at the right moment whatever order the
   trainer calls zero_grad and after_step in; without attach, `after_step(step)` must come before zero_grad.
   A step the optimizer skips (fp16: the GradScaler found inf/NaN gradients and did not call optimizer.step)
   gets no allocation: with attach the hook does not fire and after_step only logs it (debug); without attach,
   after_step skips when a gradient is not finite.
-The budget schedule needs the total number of optimizer steps: `AdaLoRAMethod(total_steps=N)`.
+The budget schedule needs the total number of optimizer steps: `AdaLoRAMethod(total_steps=N)`; built from the
+registry (`make_method("adalora", config, total_steps=N)`), it gets the run's.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .method import AdapterMethod
+from ..optim.state_growth import unwrap_optimizer
+from .base import AdapterMethod
 
 ADAPTER_NAME = "default"
 logger = logging.getLogger(__name__)
@@ -37,13 +39,14 @@ class AdaLoRAMethod(AdapterMethod):
     and deltaT = 1 (re-mask every step, peft's default)."""
 
     name = "adalora"
+    needs_total_steps = True
 
     def __init__(self, init_r: int = 6, target_r: int = 4, alpha=None, tinit: Optional[int] = None,
                  tfinal: Optional[int] = None, deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85,
                  orth_reg_weight: float = 0.5, tinit_fraction: float = 0.1, tfinal_fraction: float = 0.2,
-                 total_steps: Optional[int] = None, target_modules="reference_code",
-                 parts=("unet", "text_encoder"), seed: int = 0):
-        super().__init__(target_modules, parts, seed)
+                 total_steps: Optional[int] = None, target_modules="released_script",
+                 parts=("unet", "text_encoder"), seed: int = 0, exclude_modules=()):
+        super().__init__(target_modules, parts, seed, exclude_modules)
         if not (isinstance(init_r, int) and isinstance(target_r, int) and 1 <= target_r <= init_r):
             raise ValueError(f"AdaLoRAMethod: need ints 1 <= target_r <= init_r, got init_r={init_r!r}, "
                              f"target_r={target_r!r}")
@@ -74,7 +77,7 @@ class AdaLoRAMethod(AdapterMethod):
         return {"tinit": tinit, "tfinal": tfinal, "deltaT": self.deltaT}
 
     def _inject_parts(self) -> None:
-        from peft import AdaLoraConfig
+        from peft import AdaLoraConfig  # peft: only the baselines need it
         from peft.tuners.adalora import AdaLoraModel
 
         schedule = self.schedule(self.total_steps)
@@ -107,7 +110,7 @@ class AdaLoRAMethod(AdapterMethod):
         return self.orth_reg_weight * regularizer
 
     def attach(self, optimizer, grad_scaler=None, gradient_accumulation_steps: int = 1) -> None:
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        inner = unwrap_optimizer(optimizer)  # accelerate wraps the torch optimizer
         if self._hook is not None:
             self._hook.remove()
         self._hook = inner.register_step_post_hook(lambda *_: self._allocate(self._next_step()))
@@ -172,7 +175,7 @@ class AdaLoRAMethod(AdapterMethod):
 
     # ---------------------------------------------------------------- reporting / export
     def _svd_layers(self, part: str):
-        from peft.tuners.adalora import SVDLinear
+        from peft.tuners.adalora import SVDLinear  # peft: only the baselines need it
 
         return self.injected_layers(part, SVDLinear, "peft's SVDLinear")
 

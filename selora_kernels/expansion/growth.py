@@ -8,9 +8,9 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import next_capacity
+from ..nn.selora_linear import SeLoRALinear
 from ..ops.capacity import expand_slots_, grow_capacity_
 from ..optim.state_growth import check_supported, reset_state_, state_tensors
-from .selora_linear import SeLoRALinear
 
 
 def _fresh_seed() -> int:
@@ -33,8 +33,10 @@ def grow_modules_(modules: Sequence[SeLoRALinear], new_capacity: int, optimizer=
                 for state_tensor, state_dim in state_tensors(optimizer, param):
                     tensors.append(state_tensor)
                     dims.append(state_dim)
-        module._fisher_probe = None  # its shape follows the capacity; measuring restarts after growth
     grow_capacity_(tensors, dims, new_capacity, backend=backend)
+    for module in modules:
+        module.grown_in_place = True
+        module.reset_measuring()  # the statistics' width follows the capacity: measuring restarts
 
 
 def expand_modules(modules: Sequence[SeLoRALinear], optimizer=None, seed: Optional[int] = None,
@@ -66,9 +68,9 @@ def expand_modules(modules: Sequence[SeLoRALinear], optimizer=None, seed: Option
                   [m.live_rank for m in modules], ranks, _fresh_seed() if seed is None else seed,
                   backend=backend)
     for module, rank, old_scale in zip(modules, ranks, old_scales):
-        module._rank = rank + 1
+        module.set_live_rank(rank + 1, device_written=True)
         if module.scaling == "alpha_over_r":
-            module.scale = module.alpha / module._rank
+            module.scale = module.alpha / module.rank
             with torch.no_grad():
                 module.lora_B.mul_(old_scale / module.scale)
     if reset_optimizer_state and optimizer is not None:

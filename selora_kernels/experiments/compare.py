@@ -1,62 +1,88 @@
 """One command reproduces the comparison: fine-tune each method on the same data and seed, generate the test
-prompts over several seeds, score FID-64/192/2048 + CLIP, write the report (SELORA_SPEC sections 4-5).
+prompts over several seeds, score FID-64/192/2048 + CLIP, write the report (the paper's Tables 1-3).
 
     run_comparison(CompareOptions(methods=("selora", "lora", "dylora", "adalora"), thresholds=(1.0, 1.1, 1.3)))
 
-Fine-tuning goes through one function, `finetune_run(options, method, threshold, output_dir)`, which calls
-selora_kernels.training.finetune.run_finetune; pass another `finetune_fn` to run_comparison to change it.
+Fine-tuning goes through one function, `finetune_run(options, method, threshold, output_dir, total_steps)`,
+which calls experiments.finetune.run_finetune; pass another `finetune_fn` to run_comparison to change it.
 Evaluation images are the last split of the dataset (IU X-Ray: the 4 % test split; datasets with two splits:
 the validation split), checked (unreadable files skipped or raised, as in training) and preprocessed like the
 training images; generation samples at the same resolution (height = width = the training resolution).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .generation import PAPER_GUIDANCE, PAPER_STEPS, generate_for_seeds, load_pipeline_with_adapter, save_images
-from .metrics import Evaluator, build_tiny_clip, evaluate_folders, write_random_inception_weights
-from .report import MethodRun, write_report
+from PIL import Image
+from safetensors import safe_open
 
-KNOWN_METHODS = ("selora", "lora", "dylora", "adalora")
-PEFT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+from ..config import SeLoRAConfig
+from ..data.datasets import DATASETS, load_split_records
+from ..data.records import check_images, to_rgb
+from ..data.tiny_pipeline import TINY_RESOLUTION
+from ..evaluation.generation import (PAPER_GUIDANCE, PAPER_STEPS, generate_for_seeds, load_pipeline_with_adapter,
+                                     save_images)
+from ..evaluation.metrics import (Evaluator, build_tiny_clip, evaluate_folders, resize_center_crop,
+                                  write_random_inception_weights)
+from ..evaluation.report import MethodRun, write_report
+from ..integrations.adapter_io import PEFT_WEIGHT_NAME, atomic_write
+from ..methods import METHODS
+from ..training.trainer import total_steps as run_total_steps
+from .finetune import FinetuneOptions, run_finetune
+from .options import cli
+
+KNOWN_METHODS = tuple(METHODS)
+
+
+def comma_list(text) -> tuple:
+    """"selora,lora" -> ("selora", "lora")."""
+    if not isinstance(text, str):
+        return tuple(text)
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 @dataclass
 class CompareOptions:
     output_dir: str = "runs/compare"
-    methods: Sequence[str] = KNOWN_METHODS
-    thresholds: Sequence[float] = (1.1,)  # SeLoRA lambdas: one run each (Table 3: 1.0, 1.1, 1.3)
-    pretrained: Optional[str] = None  # local diffusers folder; None: the tiny pipeline
-    dataset: str = "synthetic"
+    methods: Sequence[str] = field(default=KNOWN_METHODS, metadata=cli(
+        "comma-separated subset of " + ",".join(KNOWN_METHODS), type=comma_list))
+    thresholds: Sequence[float] = field(default=(1.1,), metadata=cli(
+        "SeLoRA lambdas, one run each (Table 3: 1.0 1.1 1.3)"))
+    pretrained: Optional[str] = field(default=None, metadata=cli(
+        "local diffusers folder (None: the tiny pipeline)"))
+    dataset: str = field(default="synthetic", metadata=cli(choices=DATASETS))
     data_dir: Optional[str] = None
     synthetic_count: int = 24
     epochs: int = 1
     batch_size: int = 8
     resolution: Optional[int] = None
     lr: float = 1e-4
-    interval: int = 40
-    seed: int = 0
+    interval: int = field(default=40, metadata=cli("SeLoRA t (also the log interval)"))
+    seed: int = field(default=0, metadata=cli("training seed, the same for every method"))
     max_steps: Optional[int] = None
     eval_seeds: Sequence[int] = (0, 1, 2)
-    num_inference_steps: int = PAPER_STEPS
-    guidance_scale: float = PAPER_GUIDANCE
+    num_inference_steps: int = field(default=PAPER_STEPS, metadata=cli("sampler steps", flag="--steps"))
+    guidance_scale: float = field(default=PAPER_GUIDANCE, metadata=cli(flag="--guidance"))
     generation_batch_size: int = 8
     max_eval_prompts: Optional[int] = None
     inception_weights: Optional[str] = None
     clip_model: Optional[str] = None
-    stand_in_eval_models: bool = False  # random Inception + tiny CLIP: plumbing only, numbers meaningless
+    stand_in_eval_models: bool = field(default=False, metadata=cli(
+        "random Inception + tiny CLIP (plumbing check only; the numbers mean nothing)"))
     inception_input_size: int = 299
     kid: bool = False
     device: str = "cpu"
     progress: bool = True
-    on_bad_image: str = "skip"  # unreadable images in training and evaluation data: "skip" (warn) or "fail"
-    extra_finetune: Dict[str, object] = field(default_factory=dict)
+    on_bad_image: str = field(default="skip", metadata=cli(
+        "unreadable images in training and evaluation data: report and skip, or stop", choices=("skip", "fail")))
+    # more FinetuneOptions (or SeLoRAConfig) fields for every run
+    extra_finetune: Dict[str, object] = field(default_factory=dict, metadata=cli(hidden=True))
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in KNOWN_METHODS]
@@ -83,11 +109,6 @@ def evaluation_split(options: CompareOptions):
     (load_split_records), its records checked like the training data's (check_images, `on_bad_image`), images
     converted like the training images (16-bit scaled) and resized to the training resolution. Files are
     closed once read. The train size counts checked records: the trainer's steps are over those."""
-    from PIL import Image
-
-    from ..training.data import check_images, load_split_records, to_rgb
-    from .metrics import resize_center_crop
-
     resolution = resolution_of(options)
     on_error = options.extra_finetune.get("on_bad_image", options.on_bad_image)
     splits = load_split_records(options.dataset, options.data_dir, seed=options.seed,
@@ -109,35 +130,24 @@ def evaluation_split(options: CompareOptions):
 
 
 def resolution_of(options: CompareOptions) -> int:
-    from ..training.tiny_pipeline import TINY_RESOLUTION
-
     return options.resolution or (TINY_RESOLUTION if options.pretrained is None else 224)
-
-
-def total_training_steps(options: CompareOptions, train_size: int) -> int:
-    """The trainer's step count: epochs x ceil(train / batch), capped by max_steps (AdaLoRA's budget needs it)."""
-    steps = options.epochs * math.ceil(train_size / options.batch_size)
-    return min(steps, options.max_steps) if options.max_steps is not None else steps
 
 
 def finetune_run(options: CompareOptions, method: str, threshold: Optional[float], output_dir: str,
                  total_steps: int):
-    """Fine-tunes one method with selora_kernels.training (same data, seed and schedule for every method)."""
-    from ..baselines import baseline_factory, register_baselines
-    from ..training import methods as training_methods
-    from ..training.finetune import FinetuneOptions, run_finetune
-
-    register_baselines()
-    # the trainer builds methods as factory(config, seed=...): bind AdaLoRA's step count here
-    training_methods.register_method("adalora", lambda config, seed=0, **kw: baseline_factory("adalora")(
-        config, seed=seed, total_steps=kw.pop("total_steps", total_steps), **kw))
+    """Fine-tunes one method with experiments.finetune (same data, seed and schedule for every method).
+    total_steps: the comparison's count, for a `finetune_fn` that needs it; run_finetune computes the same
+    (and hands it to AdaLoRA's schedule)."""
+    config_fields = {f.name for f in dataclasses.fields(SeLoRAConfig)}
+    extra = {"on_bad_image": options.on_bad_image, **options.extra_finetune}
+    selora = SeLoRAConfig(**{"threshold": threshold if threshold is not None else 1.1, "interval": options.interval,
+                             **{k: v for k, v in extra.items() if k in config_fields}})
     finetune_options = FinetuneOptions(
         output_dir=output_dir, pretrained=options.pretrained, dataset=options.dataset, data_dir=options.data_dir,
         synthetic_count=options.synthetic_count, epochs=options.epochs, batch_size=options.batch_size,
-        resolution=options.resolution, lr=options.lr, method=method,
-        threshold=threshold if threshold is not None else 1.1, interval=options.interval, seed=options.seed,
+        resolution=options.resolution, lr=options.lr, method=method, selora=selora, seed=options.seed,
         max_steps=options.max_steps, progress=options.progress,
-        **{"on_bad_image": options.on_bad_image, **options.extra_finetune})
+        **{k: v for k, v in extra.items() if k not in config_fields})
     return run_finetune(finetune_options)
 
 
@@ -151,8 +161,6 @@ def exported_adapter(run_dir: str) -> str:
 
 def adapter_parameter_report(adapter_dir: str, pipe) -> Dict[str, Dict[str, float]]:
     """Adapter parameters at the end of training (live ranks) per part, and % of that part's parameters."""
-    from safetensors import safe_open
-
     counts = {"unet": 0, "text_encoder": 0}
     with safe_open(os.path.join(adapter_dir, PEFT_WEIGHT_NAME), framework="pt") as handle:
         for key in handle.keys():
@@ -182,18 +190,9 @@ def build_evaluator(options: CompareOptions) -> Evaluator:
 
 
 def write_jsonl_atomic(path: Path, rows: Sequence[dict]) -> None:
-    """Writes `rows` as JSON lines to `path` whole: a temporary file in the same folder, then os.replace."""
-    path = Path(path)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                         delete=False, encoding="utf-8")
-    try:
-        with handle:
-            handle.writelines(json.dumps(row, default=str) + "\n" for row in rows)
-        os.replace(handle.name, path)
-    except BaseException:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
-        raise
+    """Writes `rows` as JSON lines to `path` whole (atomic_write)."""
+    text = "".join(json.dumps(row, default=str) + "\n" for row in rows)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def run_comparison(options: CompareOptions, finetune_fn: Optional[Callable] = None) -> Path:
@@ -205,7 +204,7 @@ def run_comparison(options: CompareOptions, finetune_fn: Optional[Callable] = No
     prompts, real_images, train_size = evaluation_split(options)
     real_dir = save_images(real_images, prompts, str(output / "real"))
     evaluator.set_real(real_images)
-    total_steps = total_training_steps(options, train_size)
+    total_steps = run_total_steps(options.epochs, train_size, options.batch_size, options.max_steps)
     resolution = resolution_of(options)  # the training (and real-image) resolution: generate at it too
     per_seed_rows: List[dict] = []
     plan = [(m, t) for m in options.methods for t in (options.thresholds if m == "selora" else (None,))]

@@ -11,7 +11,7 @@ from typing import List
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from .data import Record
+from .records import Record
 
 
 def synthetic_xray(rng: random.Random, size: int):

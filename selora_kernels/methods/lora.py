@@ -1,14 +1,14 @@
 """LoRA baseline: peft's LoRA at a fixed rank (paper: r = 4) on SeLoRA's target layers.
 
 Injected with peft's `inject_adapter_in_model` on each part, because transformers 5.24's own
-`text_encoder.add_adapter` needs peft >= 0.22, which the registry lacks (ECOSYSTEM_NOTES). Defaults follow
-diffusers' train_text_to_image_lora.py: lora_alpha = r (scale 1), Gaussian init of A, B = 0.
+`text_encoder.add_adapter` needs peft >= 0.22, newer than the pinned peft. Defaults follow diffusers'
+train_text_to_image_lora.py: lora_alpha = r (scale 1), Gaussian init of A, B = 0.
 """
 from __future__ import annotations
 
 from typing import Dict
 
-from .method import AdapterMethod
+from .base import AdapterMethod
 
 ADAPTER_NAME = "default"
 
@@ -17,8 +17,9 @@ class LoRAMethod(AdapterMethod):
     name = "lora"
 
     def __init__(self, rank: int = 4, alpha=None, dropout: float = 0.0, init_lora_weights="gaussian",
-                 target_modules="reference_code", parts=("unet", "text_encoder"), seed: int = 0):
-        super().__init__(target_modules, parts, seed)
+                 target_modules="released_script", parts=("unet", "text_encoder"), seed: int = 0,
+                 exclude_modules=()):
+        super().__init__(target_modules, parts, seed, exclude_modules)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"LoRAMethod: rank must be an int >= 1, got {rank!r}")
         self.rank = rank
@@ -27,7 +28,7 @@ class LoRAMethod(AdapterMethod):
         self.init_lora_weights = init_lora_weights
 
     def _inject_parts(self) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, inject_adapter_in_model  # peft: only the baselines need it
 
         for part, model in self.models.items():
             config = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
@@ -39,7 +40,7 @@ class LoRAMethod(AdapterMethod):
                 "init_lora_weights": str(self.init_lora_weights)}
 
     def _lora_layers(self, part: str):
-        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora import LoraLayer  # peft: only the baselines need it
 
         return self.injected_layers(part, LoraLayer, "a peft LoRA layer")
 

@@ -10,7 +10,11 @@ import re
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+import matplotlib
 import numpy as np
+
+matplotlib.use("Agg")  # files only, never a display
+import matplotlib.pyplot as plt  # noqa: E402
 
 UNET_ROWS = ("attn1_q", "attn1_k", "attn1_v", "attn2_q", "attn2_k", "attn2_v", "proj")
 TEXT_ROWS = ("q", "k", "v", "out", "fc1", "fc2")
@@ -68,11 +72,6 @@ def rank_grids(ranks: Dict[str, int]) -> Dict[str, Tuple[List[str], List[str], n
 
 def plot_rank_heatmaps(ranks: Dict[str, int], path, title: str = "SeLoRA ranks") -> Path:
     """Writes a PNG with one heatmap per panel (matplotlib, Agg backend: no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = rank_grids(ranks)
     if not panels:
         raise ValueError("plot_rank_heatmaps: no ranks to plot")

@@ -2,7 +2,7 @@
 
 Same component types as Stable Diffusion 1.5 (CLIP tokenizer + text encoder, KL VAE, conditional UNet),
 sizes cut down so a training step takes a fraction of a second on a CPU. A 64-px image needs a 4-level VAE
-(8x8 latents), hence UNet sample_size 8 (ECOSYSTEM_NOTES).
+(8x8 latents), hence UNet sample_size 8.
 
 The tokenizer is a real byte-level BPE CLIP tokenizer with a small vocabulary (every byte, its end-of-word
 form, merges for a medical word list) written to a folder and loaded with `from_pretrained(folder)`:
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -87,10 +88,9 @@ def write_tiny_tokenizer(folder, words=TOKENIZER_WORDS, model_max_length: int = 
 def build_tiny_pipeline(folder=None, seed: int = 0):
     """A tiny StableDiffusionPipeline with random weights (seeded). With `folder`, it is also saved there
     (save_pretrained), so `StableDiffusionPipeline.from_pretrained(folder)` reloads it offline."""
+    # diffusers / transformers: imported when a pipeline is built, not by everything that imports data/
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(Path(scratch) / "tokenizer"))
@@ -119,7 +119,7 @@ def build_tiny_pipeline(folder=None, seed: int = 0):
 
 def load_pipeline(path: Optional[str] = None, cache_dir=None, seed: int = 0):
     """The pipeline at `path` (a local diffusers folder), or the tiny one (saved under `cache_dir` when given)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # imported when a pipeline is loaded (heavy)
 
     if path is None:
         if cache_dir is not None and (Path(cache_dir) / "model_index.json").exists():

@@ -2,7 +2,7 @@
 
 Kept outside the Parameter objects: attributes on a Parameter are lost by copy.deepcopy and a weak
 reference there makes torch.save(model) fail. SeLoRALinear registers its A (slot dim 0) and B (slot dim 1)
-when built, deep-copied or unpickled; optimizers look them up here.
+when built, deep-copied or unpickled; optimizers (optim/) and optimizer-state growth look them up here.
 """
 from __future__ import annotations
 

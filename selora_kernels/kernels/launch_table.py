@@ -1,14 +1,15 @@
 """Every launch configuration the SeLoRA Triton launchers can choose: one table, no runtime autotune.
 
 `triton.autotune` reruns a kernel once per config on the live buffers, which corrupts accumulating kernels
-and cannot run during CUDA-graph capture (KERNEL_NOTES section 9.3), so block sizes come from this table,
+and cannot run during CUDA-graph capture (docs/kernel_design.md), so block sizes come from this table,
 chosen by two rules only: the dtype of the operands and whether the token count M is small. Nothing here
 depends on the live rank; the capacity class `r_pad` (capacity padded to 16 or 32) is the only
 rank-related compile-time value.
 
 `all_launch_configs()` enumerates the product the launchers can reach (kernel x dtype x r_pad x block
 choice x constexpr flags); `tools/static_check_triton.py` compiles each of them ahead of time for sm_80 and
-sm_90 and fails on spills, shared memory over the limit or a matrix-product kernel without tensor cores.
+sm_90 (with the signatures of `kernels/_aot.py`) and fails on spills, shared memory over the limit or a
+matrix-product kernel without tensor cores.
 The launchers call `blocks_for` / `r_pad_for`, so a config they can pick and a config the check compiled
 are the same object.
 
@@ -39,7 +40,7 @@ class Blocks:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """One compiled variant: what `static_check_triton.py` builds and a launcher may launch."""
+    """One compiled variant: what `tools/static_check_triton.py` builds and a launcher may launch."""
 
     kernel: str  # key of KERNELS
     dtype: str  # operand dtype of the activations (and adapter)
@@ -62,7 +63,7 @@ KERNELS: Dict[str, Tuple[str, str, bool]] = {
     "grad_x": ("selora_linear_forward", "_fused_lowrank_matmul_kernel", True),
     "shrink": ("selora_linear_backward", "_shrink_kernel", True),
     "segment_reduce": ("selora_linear_backward", "_segment_reduce_kernel", True),
-    "finalize": ("selora_linear_backward", "_finalize_kernel", False),
+    "finalize": ("selora_linear_backward", "_finalize_grad_and_fisher_kernel", False),
     "fisher_collect": ("selora_linear_backward", "_fisher_collect_kernel", False),
 }
 
@@ -166,42 +167,3 @@ def all_launch_configs() -> Iterator[LaunchConfig]:
                 yield LaunchConfig("finalize", dtype, r_pad, _FINALIZE_BLOCKS, "any", (("FISHER", fisher),))
     for r_pad in R_PADS:  # fp32 statistics whatever the operand dtype
         yield LaunchConfig("fisher_collect", "fp32", r_pad, _COLLECT_BLOCKS, "any")
-
-
-def aot_signature(arg_names, pointer_types: Dict[str, str], constexprs: Dict[str, object],
-                  float_args=("scale",), not_divisible=()):
-    """Signature and attrs for `triton.compile(ASTSource(fn, signature, constexprs, attrs))`.
-
-    Mirrors what the JIT sees on contiguous inputs: pointers 16-byte aligned and strides 16-divisible
-    (the callers put the unit strides into `constexprs`, as the JIT specialises a stride of 1). Sizes are
-    left unspecialised, the conservative case (all boundary masks kept)."""
-    signature, attrs = {}, {}
-    for index, arg in enumerate(arg_names):
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg in pointer_types:
-            signature[arg] = "*" + pointer_types[arg]
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        elif arg in float_args:
-            signature[arg] = "fp32"
-        else:
-            signature[arg] = "i32"
-            if arg.startswith("stride") and arg not in not_divisible:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    return signature, attrs
-
-
-def naive_forward_config() -> LaunchConfig:
-    """The calibration config of issue 7: BM = BN = 128, BK = 64, rank block 16, 8 warps, 3 stages, bf16.
-
-    Issue 7 measured 255 registers + 208/168 B of stack for *its* naive fused forward; this library's
-    forward kernel at the same tile sizes compiles without spilling (the check reports its numbers)."""
-    return LaunchConfig("forward", "bf16", 16, Blocks(128, 128, 64, 8, 3), "naive",
-                        (("DOT_PRECISION", "tf32"), ("HAS_BIAS", True)))
-
-
-def spilling_forward_config() -> LaunchConfig:
-    """A forward config known to spill on sm_80 and sm_90 (128 x 128 tile on 4 warps, R_PAD 32, bf16):
-    the calibration that proves the static check detects spills. Never launched."""
-    return LaunchConfig("forward", "bf16", 32, Blocks(128, 128, 64, 4, 3), "calibration",
-                        (("DOT_PRECISION", "tf32"), ("HAS_BIAS", True)))

@@ -1,54 +1,36 @@
-"""What every baseline method (LoRA, DyLoRA, AdaLoRA) exposes to the trainer, and shared helpers.
-
-The interface is the trainer's (selora_kernels/training/methods.py, `AdapterMethod`; SeLoRAMethod is its
-reference implementation), matched by duck typing so this package does not depend on the trainer:
+"""The one interface of an adapter method (SeLoRA, LoRA, DyLoRA, AdaLoRA), as the trainer drives it:
 
     method.inject({"unet": unet, "text_encoder": text_encoder})  # adapts the targeted linears, freezes the rest
     optimizer = method.make_optimizer(lr)                         # AdamW(weight_decay=0) over the adapters
-    method.attach(optimizer, grad_scaler=None)                    # AdaLoRA hooks the optimizer step here
+    method.attach(optimizer, grad_scaler=None)                    # SeLoRA's controller, AdaLoRA's step hook
     per step:
         method.before_forward(step)                               # DyLoRA draws its rank here
         loss = diffusion_loss + method.extra_loss()               # AdaLoRA's orthogonal regulariser (else None)
         loss.backward(); optimizer.step(); optimizer.zero_grad()
-        method.after_step(step)                                   # DyLoRA back to full rank
+        method.after_step(step, closure)                          # SeLoRA's expansion test; DyLoRA back to full rank
     method.ranks()  method.parameter_report()                     # logs: per-module ranks, trainable counts/%
     method.save(file) / method.load(file)                         # adapter tensors + method state (resume)
     method.export(directory)                                      # diffusers LoRA file: pipe.load_lora_weights
     method.state_dict() / load_state_dict() / describe()          # resume
+    method.delta_weights()                                        # the weight update each module adds
 
-Target layers are SeLoRA's (integrations.targets.target_predicate, the same presets), resolved to exact module
-names, so every method adapts exactly the same nn.Linear modules.
+Target layers come from integrations.targets.resolve_target_names (target_modules and exclude_modules), so
+every method adapts exactly the same nn.Linear modules.
 """
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from ..integrations.targets import target_predicate
+from ..config import SeLoRAConfig
+from ..integrations.adapter_io import PEFT_WEIGHT_NAME, atomic_save_safetensors, peft_lora_metadata, read_safetensors
+from ..integrations.targets import resolve_target_names
 
 PARTS = ("unet", "text_encoder")
-PEFT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-
-
-def resolve_target_names(model: nn.Module, target_modules="reference_code", prefix: str = "") -> List[str]:
-    """Names (relative to `model`) of the plain nn.Linear modules SeLoRA would adapt under `target_modules`."""
-    wanted = target_predicate(model, target_modules, prefix)
-    names = []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
-            continue
-        qualified = f"{prefix}.{name}" if prefix else name
-        if wanted(name) or wanted(qualified):
-            names.append(name)
-    if not names:
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear of {type(model).__name__} "
-                         f"(prefix {prefix!r})")
-    return names
 
 
 def part_parameter_count(model: nn.Module) -> int:
@@ -59,27 +41,36 @@ def percent(part: int, whole: int) -> float:
     return 100.0 * part / whole if whole else 0.0
 
 
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 class AdapterMethod:
-    """Base of the baseline methods; subclasses implement `_inject_parts`, `_export_part` and `ranks`."""
+    """Base of every adapter method; subclasses implement `_inject_parts`, `_export_part` and `ranks`, and
+    override the hooks they use."""
 
     name = "adapter"
+    # True for methods whose schedule needs the run's number of optimizer steps (AdaLoRA's rank budget)
+    needs_total_steps = False
 
-    def __init__(self, target_modules="reference_code", parts=PARTS, seed: int = 0):
+    def __init__(self, target_modules="released_script", parts=PARTS, seed: int = 0, exclude_modules=()):
         unknown = [p for p in parts if p not in PARTS]
         if unknown or not parts:
             raise ValueError(f"{type(self).__name__}: parts must be a non-empty subset of {PARTS}, got {parts!r}")
         self.target_modules = target_modules
+        self.exclude_modules = list(exclude_modules or [])
         self.parts = tuple(parts)
         self.seed = seed
         self.components: Dict[str, nn.Module] = {}
         self.base_counts: Dict[str, int] = {}
         self.target_names: Dict[str, List[str]] = {}
+
+    @classmethod
+    def from_config(cls, config: SeLoRAConfig, seed: int = 0, total_steps: Optional[int] = None,
+                    **options) -> "AdapterMethod":
+        """The method on the layers `config` selects (its target_modules and exclude_modules), with its own
+        defaults for the rest unless `options` override them. total_steps: the run's optimizer steps, passed
+        on to methods that need it (`needs_total_steps`)."""
+        options = {"target_modules": config.target_modules, "exclude_modules": config.exclude_modules, **options}
+        if cls.needs_total_steps:
+            options.setdefault("total_steps", total_steps)
+        return cls(seed=seed, **options)
 
     @property
     def models(self) -> Dict[str, nn.Module]:
@@ -102,7 +93,12 @@ class AdapterMethod:
             model = components[part]
             model.requires_grad_(False)
             self.base_counts[part] = part_parameter_count(model)
-            self.target_names[part] = resolve_target_names(model, self.target_modules, part)
+            names = resolve_target_names(model, self.target_modules, self.exclude_modules, part)
+            if not names:
+                raise ValueError(f"{self.name}: target_modules={self.target_modules!r} (exclude_modules="
+                                 f"{self.exclude_modules!r}) matched no nn.Linear of {type(model).__name__} "
+                                 f"(part {part!r})")
+            self.target_names[part] = names
             self.components[part] = model
         self._inject_parts()
         return dict(self.target_names)
@@ -134,14 +130,15 @@ class AdapterMethod:
         """Called once the (possibly accelerate-wrapped) optimizer exists."""
 
     def before_forward(self, step: int) -> None:
-        """Called before the forward of each optimizer step."""
+        """Called before the forward of every batch of optimizer step `step`."""
 
     def extra_loss(self) -> Optional[torch.Tensor]:
         """A term the trainer adds to the diffusion loss (None: nothing)."""
         return None
 
-    def after_step(self, step: int, closure=None) -> list:
-        """Called after each optimizer step; returns events worth logging."""
+    def after_step(self, step: int, closure: Optional[Callable[[], torch.Tensor]] = None) -> list:
+        """Called after each optimizer step; returns events worth logging (e.g. expansions). closure: recomputes
+        the loss of this step's batch (SeLoRA's released-script rule needs it)."""
         return []
 
     def ranks(self) -> Dict[str, int]:
@@ -154,7 +151,10 @@ class AdapterMethod:
     def describe(self) -> dict:
         """What must match between a checkpoint and the run resuming it."""
         targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
-        return {"method": self.name, "target_modules": targets, "parts": list(self.parts), **self._options()}
+        described = {"method": self.name, "target_modules": targets, "parts": list(self.parts), **self._options()}
+        if self.exclude_modules:  # only when set: checkpoints written before it existed still resume
+            described["exclude_modules"] = list(self.exclude_modules)
+        return described
 
     def state_dict(self) -> dict:
         return {}
@@ -193,8 +193,6 @@ class AdapterMethod:
     def save(self, path, extra_metadata: Optional[dict] = None) -> Path:
         """Writes the raw adapter tensors and the method description to a safetensors file (for resume and
         `load`; for diffusers use `export`)."""
-        from ..integrations.adapter_io import atomic_save_safetensors
-
         header = {"format": "pt", "adapter_method": self.name,
                   "describe": json.dumps(self.describe(), sort_keys=True),
                   "extra": json.dumps(extra_metadata or {}, sort_keys=True, default=str)}
@@ -202,8 +200,6 @@ class AdapterMethod:
 
     def load(self, path) -> dict:
         """Loads tensors written by `save` into the injected adapters; returns the extra metadata."""
-        from ..integrations.adapter_io import read_safetensors
-
         self._check_injected()
         path = Path(path)
         saved, metadata = read_safetensors(path, what=f"{self.name}.load: adapter file")
@@ -227,8 +223,6 @@ class AdapterMethod:
     def export(self, directory, weight_name: str = PEFT_WEIGHT_NAME) -> Path:
         """Writes a diffusers LoRA file (`<part>.<path>.lora_A/B.weight`, scale folded into B, per-module
         ranks in the metadata) that `StableDiffusionPipeline.load_lora_weights(directory)` loads."""
-        from ..integrations.adapter_io import atomic_save_safetensors
-
         self._check_injected()
         tensors, metadata = {}, {}
         for part in self.components:
@@ -242,13 +236,7 @@ class AdapterMethod:
                 ranks[path] = int(lora_a.shape[0])
             if not ranks:
                 continue
-            common = Counter(ranks.values()).most_common(1)[0][0]
-            # alpha_m = r_m: peft's scale alpha/r is 1, the method's own scale is already in B
-            metadata.update({f"{part}.{k}": v for k, v in {
-                "r": common, "lora_alpha": common, "target_modules": sorted(ranks),
-                "rank_pattern": {p: r for p, r in ranks.items() if r != common},
-                "alpha_pattern": {p: r for p, r in ranks.items() if r != common},
-                "use_dora": False, "lora_bias": False}.items()})
+            metadata.update({f"{part}.{k}": v for k, v in peft_lora_metadata(ranks).items()})
         if not tensors:
             raise ValueError(f"{self.name}.export: every adapted module has rank 0, nothing to write")
         header = {"format": "pt", "lora_adapter_metadata": json.dumps(metadata, indent=2, sort_keys=True),
@@ -282,4 +270,5 @@ class AdapterMethod:
             raise RuntimeError(f"{self.name}: call inject(unet, text_encoder) first")
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(parts={self.parts}, target_modules={self.target_modules!r})"
+        return (f"{type(self).__name__}(parts={self.parts}, target_modules={self.target_modules!r}, "
+                f"exclude_modules={self.exclude_modules!r})")

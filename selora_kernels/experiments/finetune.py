@@ -1,0 +1,136 @@
+"""The fine-tuning program as a function: pipeline + data + method + trainer + report files.
+
+`python -m python.finetune` only parses arguments into FinetuneOptions (experiments.options) and calls
+`run_finetune`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import MODE_ALIASES, TARGET_PRESETS, TRIAL_MODES, SeLoRAConfig, canonical_mode
+from ..data.datasets import DATASETS, build_datasets
+from ..data.tiny_pipeline import TINY_RESOLUTION, load_pipeline
+from ..evaluation.heatmaps import plot_rank_heatmaps
+from ..methods import METHODS, make_method
+from ..training.trainer import Trainer, TrainOptions, TrainResult, total_steps
+from .options import cli
+
+logger = logging.getLogger(__name__)
+
+
+def target_modules_arg(values):
+    """--targets as SeLoRAConfig wants it: a single preset name stays a string, anything else is a list of
+    patterns."""
+    if isinstance(values, str):
+        return values
+    values = list(values)
+    if len(values) == 1 and canonical_mode(values[0]) in TARGET_PRESETS:
+        return values[0]
+    return values
+
+
+SELORA_FLAGS = {  # the SeLoRAConfig fields the fine-tuning command line sets
+    "threshold": cli("lambda of the FI-Ratio test"),
+    "interval": cli("t: steps between expansion tests (also the log interval unless --log-every)"),
+    "max_rank": cli("largest rank an adapter grows to (None: no limit)"),
+    "trial": cli("expansion rule (reference_code: the old name of released_script)",
+                 choices=TRIAL_MODES + tuple(MODE_ALIASES)),
+    "target_modules": cli("preset (released_script, all_linear) or module name patterns", flag="--targets",
+                          type=str, nargs="+", convert=target_modules_arg),
+    "exclude_modules": cli("module name patterns never adapted (every method)", type=str, nargs="+"),
+}
+
+
+@dataclass
+class FinetuneOptions:
+    output_dir: str = "runs/selora"
+    pretrained: Optional[str] = field(default=None, metadata=cli(
+        "local diffusers StableDiffusionPipeline folder (None: a tiny pipeline built from configs)"))
+    dataset: str = field(default="synthetic", metadata=cli(choices=DATASETS))
+    data_dir: Optional[str] = None
+    caption_column: str = field(default="text", metadata=cli("caption column (--dataset folder)"))
+    on_bad_image: str = field(default="skip", metadata=cli("missing/corrupt images: report and skip, or stop",
+                                                           choices=("skip", "fail")))
+    synthetic_count: int = 48
+    epochs: int = 150  # the default run: 36 synthetic training images, 5 steps per epoch, 750 steps
+    batch_size: int = 8
+    resolution: Optional[int] = field(default=None, metadata=cli("None: 64 (tiny pipeline), 224 otherwise"))
+    lr: float = 1e-4
+    method: str = field(default="selora", metadata=cli(choices=sorted(METHODS)))
+    # targets and the expansion test; the baselines take their target_modules / exclude_modules from it
+    selora: SeLoRAConfig = field(default_factory=SeLoRAConfig, metadata=cli(nested=SELORA_FLAGS))
+    log_every: Optional[int] = field(default=None, metadata=cli(
+        "steps between log rows and checkpoints (None: the SeLoRA interval t)"))
+    mixed_precision: str = field(default="no", metadata=cli(choices=("no", "bf16", "fp16")))
+    seed: int = 0
+    resume: Optional[str] = field(default=None, metadata=cli("a checkpoint folder or a previous --output-dir"))
+    max_steps: Optional[int] = None
+    progress: bool = True
+    threads: Optional[int] = field(default=None, metadata=cli(
+        "torch CPU threads (None: 1 for the tiny pipeline on CPU, else torch's choice)"))
+
+
+def cpu_threads(options: FinetuneOptions) -> Optional[int]:
+    """The tiny pipeline's tensors are too small to share between threads: on 2 busy cores, 2 OpenMP threads
+    made a step 8x slower than 1 (measured). Real pipelines keep torch's default."""
+    if options.threads:
+        return options.threads
+    if options.pretrained is None and not torch.cuda.is_available():
+        return 1
+    return None
+
+
+def rank_summary(ranks) -> str:
+    """A few lines: total, histogram of ranks, the largest modules."""
+    total = sum(ranks.values())
+    histogram = {}
+    for rank in ranks.values():
+        histogram[rank] = histogram.get(rank, 0) + 1
+    top = sorted(ranks.items(), key=lambda item: -item[1])[:5]
+    lines = [f"{len(ranks)} adapted layers, total rank {total} (started at {len(ranks)})",
+             "rank histogram: " + ", ".join(f"r={r}: {n}" for r, n in sorted(histogram.items())),
+             "largest: " + ", ".join(f"{name}={rank}" for name, rank in top)]
+    return "\n".join(lines)
+
+
+def run_finetune(options: FinetuneOptions) -> TrainResult:
+    threads = cpu_threads(options)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(options.seed)
+    output = Path(options.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(options.pretrained, cache_dir=output / "tiny_pipeline" if options.pretrained is None
+                         else None, seed=options.seed)
+    resolution = options.resolution or (TINY_RESOLUTION if options.pretrained is None else 224)
+    train_set, validation_set = build_datasets(
+        options.dataset, pipe.tokenizer, resolution, data_dir=options.data_dir,
+        caption_column=options.caption_column, on_error=options.on_bad_image, seed=options.seed,
+        synthetic_count=options.synthetic_count, synthetic_size=resolution)
+    logger.info("train %d images, validation %d images, resolution %d", len(train_set), len(validation_set),
+                resolution)
+    method = make_method(options.method, options.selora, seed=options.seed,
+                         total_steps=total_steps(options.epochs, len(train_set), options.batch_size,
+                                                 options.max_steps))
+    trainer = Trainer(pipe, method, train_set, validation_set, TrainOptions(
+        output_dir=str(output), epochs=options.epochs, batch_size=options.batch_size, lr=options.lr,
+        seed=options.seed, mixed_precision=options.mixed_precision, max_steps=options.max_steps,
+        log_every=options.log_every or options.selora.interval, resume=options.resume, progress=options.progress))
+    result = trainer.train()
+    ranks = result.ranks
+    if not trainer.accelerator.is_main_process:
+        return result  # every process holds the same adapters (all-reduced decisions): one writer
+    (output / "final_ranks.json").write_text(json.dumps(ranks, indent=2))
+    method.save(output / "adapter.safetensors", extra_metadata={"step": result.steps})
+    method.export(output / "peft_lora")
+    selora = options.selora
+    plot_rank_heatmaps(ranks, output / "rank_heatmap.png",
+                       title=f"SeLoRA ranks after {result.steps} steps (lambda={selora.threshold}, "
+                             f"t={selora.interval}, {selora.trial})")
+    return result
