@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Sequence, Set
 import torch
 
 from ..config import next_capacity
+from ..fisher_stats import fi_ratio
 from ..nn.selora_linear import SeLoRALinear
 from ..ops.capacity import kaiming_uniform_bound
 from ..optim.state_growth import unwrap_optimizer
@@ -65,7 +66,8 @@ class ReleasedScriptRule:
         if not all(math.isfinite(v) for v in first_host + second_host):
             logger.warning("step %d: non-finite gradients in the expansion test: moved to the next step", step)
             return None
-        return [(b / a) if a > 0 else (math.inf if b > 0 else 1.0) for a, b in zip(first_host, second_host)]
+        # 0/0 (no gradient at either pass) is nan, never an expansion: as the released script computes it
+        return [fi_ratio(a, b) for a, b in zip(first_host, second_host)]
 
     def _second_pass(self, modules, closure, backward, loss_scale, expanded_once) -> torch.Tensor:
         """Gradients at theta_{t+1} with each module's trial slot live (zero K before its first expansion)."""
