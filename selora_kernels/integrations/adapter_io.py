@@ -20,7 +20,7 @@ import safetensors.torch
 from safetensors import safe_open
 from torch import nn
 
-from ..config import SeLoRAConfig
+from ..config import SeLoRAConfig, canonical_mode
 from ..nn.selora_linear import SeLoRALinear, selora_modules
 from .targets import set_submodule
 
@@ -116,7 +116,8 @@ def _check_config(path, saved: Optional[dict], config: Optional[SeLoRAConfig]) -
 
 
 def _normalise(value):
-    return list(value) if isinstance(value, tuple) else value
+    # files written before the released-script rename say "reference_code"
+    return list(value) if isinstance(value, tuple) else canonical_mode(value)
 
 
 def load_adapter(path, model_or_modules, config: Optional[SeLoRAConfig] = None) -> dict:
