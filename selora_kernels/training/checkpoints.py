@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..config import canonical_mode
 from ..integrations.adapter_io import atomic_write
 from ..methods.base import AdapterMethod
 
@@ -101,7 +102,8 @@ def load_checkpoint(folder: Path, method: AdapterMethod, options) -> dict:
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
     saved, current = state["method"], method.describe()
     for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
+        # checkpoints written before the released-script rename say "reference_code"
+        if canonical_mode(saved.get(key)) != current.get(key):
             raise ValueError(f"--resume {folder}: the checkpoint was trained with {key}={saved.get(key)!r}, "
                              f"this run has {key}={current.get(key)!r}; resume with the same settings")
     for key in ("batch_size", "seed"):
