@@ -28,6 +28,7 @@ import torch
 
 UNET_LEVELS = [(320, 5), (640, 5), (1280, 6)]  # (width, transformer blocks); 16 blocks in SD 1.5
 CAPACITY = 15
+ADAM_RANK = 8  # live slots in the optimizer-step case
 DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"), pytest.param("cpu", id="cpu")]
 
 
@@ -173,6 +174,70 @@ def test_growth_past_capacity(harness, request, device, benchmark):
     harness.record(request, op="growth", params=params, ours="ours", times=times,
                    path=f"expand_modules backend=auto (extension route: {route})", errors=errors,
                    benchmark=benchmark)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adam_step(harness, request, device, benchmark):
+    """One optimizer step over the adapters of all 192 modules (rank ADAM_RANK of capacity 15, fp32).
+
+    ours: SeLoRAAdamW.step(), i.e. ops.capacity.adam_step_ (backend "auto": the extension when loaded;
+    only the live slots move, with a step count per slot). Baselines over the same tensors and grads:
+    adam_step_fallback (ops.capacity.adam_step_ with backend="fallback", its own state; only when the
+    extension is loaded, otherwise ours is the fallback) and torch_adamw_foreach (torch.optim.AdamW,
+    foreach=True, every entry of the buffers, one step count per tensor)."""
+    harness.device_or_skip(device)
+    from selora_kernels import SeLoRAAdamW
+    from selora_kernels.ops.capacity import adam_step_
+
+    route = _extension_route()
+    modules, _ = build_modules(device, rank=ADAM_RANK, capacity=CAPACITY)
+    generator = torch.Generator().manual_seed(0)
+    params = []
+    with torch.no_grad():
+        for module in modules:
+            for param in (module.lora_A, module.lora_B):
+                param.grad = torch.randn(param.shape, generator=generator).to(param)
+                params.append(param)
+    hyper = dict(lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    ours = SeLoRAAdamW(params, **hyper)
+    torch_adamw = torch.optim.AdamW(params, foreach=True, **hyper)
+
+    def run_ours():
+        ours.step()
+        harness.sync(device)
+
+    def run_torch():
+        torch_adamw.step()
+        harness.sync(device)
+
+    providers = {"ours": run_ours}
+    errors = {}
+    if route in ("aot", "jit"):
+        slot_dims = [0 if param is module.lora_A else 1 for module in modules
+                     for param in (module.lora_A, module.lora_B)]
+        live_ranks = [module.live_rank for module in modules for _ in range(2)]
+        fallback_state = [(torch.zeros_like(p), torch.zeros_like(p),
+                           torch.zeros(p.shape[dim], dtype=torch.float32, device=p.device))
+                          for p, dim in zip(params, slot_dims)]
+
+        def run_fallback():
+            adam_step_(params, [p.grad for p in params], [m for m, _, _ in fallback_state],
+                       [v for _, v, _ in fallback_state], [t for _, _, t in fallback_state], live_ranks,
+                       slot_dims, hyper["lr"], *hyper["betas"], hyper["eps"], hyper["weight_decay"],
+                       backend="fallback")
+            harness.sync(device)
+
+        providers["adam_step_fallback"] = run_fallback
+    else:
+        errors["adam_step_fallback"] = f"skipped: extension route is {route!r}, so ours is the fallback"
+    providers["torch_adamw_foreach"] = run_torch
+    times = harness.measure(providers, device, rounds=5 if device == "cpu" else 10, iterations=1, errors=errors)
+    params_record = {"device": device, "modules": len(modules), "tensors": len(params), "rank": ADAM_RANK,
+                     "capacity": CAPACITY, "dtype": "fp32", "mode": "adam_step",
+                     "entries": sum(p.numel() for p in params)}
+    harness.record(request, op="adam_step", params=params_record, ours="ours", times=times,
+                   path=f"SeLoRAAdamW -> ops.capacity.adam_step_ backend=auto (extension route: {route})",
+                   errors=errors, benchmark=benchmark)
 
 
 # ------------------------------------------------------------------------------------------------ counts

@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sd_shapes import ALPHA, CPU_SHAPES, GPU_SHAPES, RANKS  # noqa: E402
+from bench.sd_shapes import ALPHA, CPU_SHAPES, GPU_SHAPES, RANKS  # noqa: E402
 
 MODES = ["fwd", "fwd_bwd"]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

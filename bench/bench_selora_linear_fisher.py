@@ -23,7 +23,7 @@ import torch
 from torch.func import grad, vmap
 
 
-from sd_shapes import ALPHA, CPU_SHAPES as ALL_CPU_SHAPES, GPU_SHAPES  # noqa: E402
+from bench.sd_shapes import ALPHA, CPU_SHAPES as ALL_CPU_SHAPES, GPU_SHAPES  # noqa: E402
 
 CPU_SHAPES = [s for s in ALL_CPU_SHAPES if s.name in ("unet64_attn_320", "unet32_attn_640", "text_enc_768")]
 GPU_RANKS = [1, 4, 16]

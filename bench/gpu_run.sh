@@ -9,7 +9,7 @@
 # Steps run one after another, each under its own `timeout`, all capped by a deadline
 # (SELORA_GPU_DEADLINE_S, default 540 s = 9 min); a failing step never stops the later ones. Every step's
 # exit code, duration and log go into $OUT/summary.json and $OUT/logs.tar.gz; the benchmark JSON
-# (bench_<gpu>_<time>.json, see bench/conftest.py) is copied to $OUT as is. At most 8 files come back.
+# (bench_<gpu>_<time>.json, see bench/harness.py) is copied to $OUT as is. At most 8 files come back.
 #
 # Environment: OUT, PYTHON (default python3), SELORA_GPU_DEADLINE_S, SELORA_GPU_DRY_RUN=1,
 # SELORA_BENCH_DEVICES (default cuda here: the CPU cases are measured on the CPU machine),
@@ -83,15 +83,16 @@ skip_step() {  # NAME REASON
 }
 
 # ---------------------------------------------------------------------------------------------- files
-GPU_TESTS_ALL="tests/test_triton_kernels.py tests/test_capacity_ops.py tests/test_selora_linear.py tests/test_fisher.py tests/test_growth.py"
+TRITON_TESTS="tests/kernels/test_selora_linear_forward.py tests/kernels/test_selora_linear_backward.py tests/ops/test_selora_linear_dispatch.py"
+GPU_TESTS_ALL="$TRITON_TESTS tests/ops/test_capacity_ops.py tests/nn/test_selora_linear.py tests/expansion/test_fisher.py tests/expansion/test_growth.py"
 GPU_TESTS_REST=""
-for f in tests/test_capacity_ops.py tests/test_selora_linear.py tests/test_fisher.py tests/test_growth.py; do
+for f in tests/ops/test_capacity_ops.py tests/nn/test_selora_linear.py tests/expansion/test_fisher.py tests/expansion/test_growth.py; do
   [ -f "$f" ] && GPU_TESTS_REST="$GPU_TESTS_REST $f"
 done
-BENCH_FILES="bench/bench_selora_linear.py bench/bench_growth.py bench/bench_fisher.py"  # priority order
+BENCH_FILES="bench/bench_selora_linear.py bench/bench_capacity_ops.py bench/bench_selora_linear_fisher.py"  # priority order
 run_step files 30 1 "
   missing=0
-  for f in setup.py selora_kernels/__init__.py bench/conftest.py $BENCH_FILES bench/gpu_run.sh; do
+  for f in setup.py selora_kernels/__init__.py bench/__init__.py bench/conftest.py bench/harness.py $BENCH_FILES bench/gpu_run.sh; do
     if [ -f \"\$f\" ]; then echo \"ok       \$f\"; else echo \"MISSING  \$f\"; missing=1; fi
   done
   for f in $GPU_TESTS_ALL tools/fetch_wheels.sh tools/static_check_triton.py selora_kernels/ops/cuda_impl.py; do
@@ -171,7 +172,7 @@ TEST_TIMEOUT="${SELORA_GPU_TEST_TIMEOUT:-120}"
 PYTEST="$PY -m pytest -p no:cacheprovider -q -rfEs"
 if [ "$DRY_RUN" = 1 ]; then
   run_step syntax 60 1 "bash -n bench/gpu_run.sh && { [ ! -f tools/fetch_wheels.sh ] || bash -n tools/fetch_wheels.sh; } \
-    && $PY -m py_compile bench/conftest.py $BENCH_FILES && echo syntax ok"
+    && $PY -m py_compile bench/conftest.py bench/harness.py $BENCH_FILES && echo syntax ok"
   run_step bench_collect 120 1 "$PYTEST bench/ --benchmark --co"
   existing=""
   for f in $GPU_TESTS_ALL; do [ -f "$f" ] && existing="$existing $f"; done
@@ -181,10 +182,12 @@ if [ "$DRY_RUN" = 1 ]; then
     skip_step tests_collect "none of the GPU test files exists yet"
   fi
 else
-  if [ -f tests/test_triton_kernels.py ]; then
-    run_step tests_triton 120 1 "$PYTEST --timeout=$TEST_TIMEOUT --junitxml='$LOGS/junit_triton.xml' tests/test_triton_kernels.py"
+  triton_existing=""
+  for f in $TRITON_TESTS; do [ -f "$f" ] && triton_existing="$triton_existing $f"; done
+  if [ -n "$triton_existing" ]; then
+    run_step tests_triton 120 1 "$PYTEST --timeout=$TEST_TIMEOUT --junitxml='$LOGS/junit_triton.xml' $triton_existing"
   else
-    skip_step tests_triton "tests/test_triton_kernels.py does not exist"
+    skip_step tests_triton "none of the Triton kernel test files ($TRITON_TESTS) exists"
   fi
   # The benchmarks stop starting cases SELORA_BENCH_BUDGET_S after they begin, so the JSON is always written.
   BENCH_LIMIT=240

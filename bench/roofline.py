@@ -8,7 +8,7 @@ which is what decides the small layers (text encoder: ~1 us of bytes, a few us p
 
 Our kernels are counted from their real launch plan (kernels/launch_table.py: block tables, capacity class,
 chunking of the segment reduction), so a change of block size shows up here. The baselines are counted
-from the graphs the benchmarks run (bench_selora_linear.py, bench_fisher.py); peft's forward is the same
+from the graphs the benchmarks run (bench_selora_linear.py, bench_selora_linear_fisher.py); peft's forward is the same
 5-kernel chain as `unfused` (dropout 0 is an Identity).
 
 Ceilings: measured on this workplace's machines (device/KINDS.md): H100 copy 3.0 TB/s (reads + writes),
@@ -231,7 +231,7 @@ def dispatched_forward_path(layer: Layer) -> str:
     return "fused" if path == "reference" else path  # without triton the rules say reference: model fused
 
 
-# --- Fisher baselines (bench_fisher.py: the Fisher alone, given x and dY) -------------------------------
+# --- Fisher baselines (bench_selora_linear_fisher.py: the Fisher alone, given x and dY) -------------------------------
 
 def vmap_fisher(layer: Layer) -> Estimate:
     """torch.func vmap(grad(<y_i, dY_i>)) over samples w.r.t. (A_ext, B_ext): forward, then the LoRA grads."""
@@ -297,7 +297,7 @@ def linear_case(params: dict, ceilings: Ceilings, fp32_precision: str = "highest
 
 def fisher_case(params: dict, ceilings: Ceilings, fp32_precision: str = "highest",
                 launch_us: float = LAUNCH_US) -> dict:
-    """Floors of a bench_fisher case: ours with and without measuring, vmap and bmm Fisher."""
+    """Floors of a bench_selora_linear_fisher case: ours with and without measuring, vmap and bmm Fisher."""
     layer = _layer(params)
     path = dispatched_forward_path(layer)
     sms = ceilings.multiprocessors
@@ -327,7 +327,7 @@ def case_estimate(op: str, params: dict, device_name: str, fp32_precision: str =
 # --- the README table -----------------------------------------------------------------------------------
 
 def _gpu_params():
-    from sd_shapes import GPU_SHAPES  # noqa: WPS433 (bench/ is on sys.path under pytest and below)
+    from bench.sd_shapes import GPU_SHAPES
     from selora_kernels.config import default_capacity
 
     for shape in GPU_SHAPES:
@@ -361,7 +361,6 @@ def prediction_table(ceilings: Ceilings = H100, launch_us: float = LAUNCH_US) ->
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     for launch in (0.0, LAUNCH_US):
         print(f"\nH100, {launch:g} us per launch\n")
         print(prediction_table(H100, launch))

@@ -9,6 +9,12 @@ TOLERANCES = {
     torch.float16: dict(rtol=1e-2, atol=1e-2),
     torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
 }
+# The Triton kernel tests measure error relative to the largest reference entry (assert_rel_close in
+# selora_linear_cases.py), not elementwise rtol/atol as above: kernels accumulate in fp32 from inputs rounded
+# to the dtype; the float64 reference sees the same rounded inputs, so only accumulation and output rounding
+# remain.
+REL_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+FISHER_REL_TOL = {torch.float32: 5e-5, torch.float16: 2e-4, torch.bfloat16: 2e-4}
 
 
 def fill_live_slots(module, rank: int, generator: torch.Generator) -> None:
@@ -20,16 +26,6 @@ def fill_live_slots(module, rank: int, generator: torch.Generator) -> None:
         module.lora_B[:, :rank] = torch.randn(module.out_features, rank, generator=generator).to(
             module.lora_B.dtype)
     module.set_live_rank(rank)
-
-
-def reference_output(module, x: torch.Tensor) -> torch.Tensor:
-    """y = x W0^T + b0 + s (x A^T) B^T over the live slots, in float64."""
-    r = module.rank
-    x64 = x.double()
-    y = x64 @ module.weight.double().t()
-    if module.bias is not None:
-        y = y + module.bias.double()
-    return y + module.scale * (x64 @ module.lora_A[:r].double().t()) @ module.lora_B[:, :r].double().t()
 
 
 def assert_close(actual, expected, dtype, scale=1.0):

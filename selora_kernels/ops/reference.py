@@ -28,7 +28,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import default_capacity, next_capacity
 from ..fisher_stats import (FISHER_COL_NONFINITE, FISHER_COL_SAMPLES, FISHER_ROW_A, FISHER_ROW_B, FISHER_ROW_COUNT,
                             fisher_dtype, statistics_shape)
 
@@ -56,13 +55,13 @@ def live_slot_mask(live_rank: torch.Tensor, capacity: int, dtype: torch.dtype) -
     return (slots < live_rank).to(dtype)
 
 
-# The slots are reduced in fixed blocks whose bounds do not depend on the capacity: [0, 4), then the
-# default capacity chain [4, 15), [15, 31), [31, 63), ... (config.default_capacity / next_capacity), cut at
-# the capacity. When the live rank is known on the host (CPU), blocks with no live slot are skipped. A
-# growth then either stays inside a block (same shapes) or adds a block whose new B column is zero (adds
-# exact zeros), so the output stays bit-identical across a growth, past capacity too along the default
-# chain, while low ranks cost only a 4-wide product.
-FIRST_SLOT_BLOCK = 4
+# The slots are reduced in blocks whose bounds are the capacities this buffer had or would have had on its
+# way here: growth past capacity goes C -> 2C + 1 (config.next_capacity), so the bounds of capacity C are
+# C, (C + 1) / 2 - 1, (C + 1) / 4 - 1, ... while integers >= 1 (15: [0, 1), [1, 3), [3, 7), [7, 15); a
+# user-chosen 5: [0, 2), [2, 5)). A growth then either stays inside a block (same shapes) or keeps every
+# old block and adds one whose new B column is zero (adds exact zeros): the output stays bit-identical
+# across every growth, at any capacity. When the live rank is known on the host (CPU), blocks with no live
+# slot are skipped, so rank 1 costs a 1-wide product.
 
 
 def host_live_rank(live_rank: torch.Tensor) -> Optional[int]:
@@ -70,15 +69,20 @@ def host_live_rank(live_rank: torch.Tensor) -> Optional[int]:
     return int(live_rank) if live_rank.device.type == "cpu" else None
 
 
+def slot_block_bounds(capacity: int) -> list:
+    """0 and the capacities of the growth chain that ends at `capacity`, ascending."""
+    bounds, stop = [capacity], capacity
+    while stop > 1 and (stop + 1) % 2 == 0:
+        stop = (stop + 1) // 2 - 1
+        bounds.append(stop)
+    return [0] + sorted(b for b in bounds if b >= 1)
+
+
 def _slot_blocks(capacity: int, live_rank: Optional[int]):
     if live_rank is None:
         return [(0, capacity)]
-    bounds, stop = [0], FIRST_SLOT_BLOCK
-    while bounds[-1] < capacity:
-        bounds.append(min(stop, capacity))
-        stop = default_capacity(FIRST_SLOT_BLOCK) if stop == FIRST_SLOT_BLOCK else next_capacity(stop)
-    blocks = list(zip(bounds[:-1], bounds[1:]))
-    return [block for block in blocks if block[0] < max(live_rank, 1)]
+    bounds = slot_block_bounds(capacity)
+    return [(start, stop) for start, stop in zip(bounds[:-1], bounds[1:]) if start < max(live_rank, 1)]
 
 
 def forward_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -94,7 +98,8 @@ def forward_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         xa = cast(x, acc)
         for start, stop in _slot_blocks(lora_a.shape[0], live):
             low_rank = F.linear(xa, cast(lora_a[start:stop], acc))  # dead slots give exact zeros
-            y.addmm_(low_rank, cast(lora_b[:, start:stop], acc).t(), alpha=scale)
+            # a contiguous copy: the block's column stride follows the capacity, and BLAS may round differently
+            y.addmm_(low_rank, cast(lora_b[:, start:stop], acc).contiguous().t(), alpha=scale)
         return cast(y, x.dtype)
 
 

@@ -22,7 +22,7 @@ from selora_kernels.ops.capacity import adam_step_, expand_slots_, grow_capacity
 
 from helpers import show_past_capture
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ["extension", "fallback"]
 # torch.optim.AdamW vs our per-slot step in fp32: same op sequence, differences are FMA/rounding only.
 ADAM_FP32_TOL = dict(rtol=1e-6, atol=1e-7)

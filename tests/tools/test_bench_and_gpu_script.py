@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(args, timeout, env=None):
@@ -29,7 +29,7 @@ def test_benchmark_flag_is_known_and_collection_works():
                       "-p", "no:cacheprovider"], timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     collected = [line for line in result.stdout.splitlines() if "::" in line]
-    for op_file in ("bench_selora_linear.py", "bench_fisher.py", "bench_growth.py"):
+    for op_file in ("bench_selora_linear.py", "bench_selora_linear_fisher.py", "bench_capacity_ops.py"):
         assert any(op_file in line for line in collected), f"{op_file} not collected"
     assert any("[cpu-" in line for line in collected)  # CPU cases exist on a machine without a GPU
 

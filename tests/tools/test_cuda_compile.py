@@ -15,7 +15,7 @@ import pytest
 
 from helpers import show_past_capture
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TOOL = REPO_ROOT / "tools" / "compile_cuda_sources.py"
 
 _show = show_past_capture

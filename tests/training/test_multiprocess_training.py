@@ -10,7 +10,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_two_process_finetune_writes_one_consistent_run(tmp_path):

@@ -1,0 +1,200 @@
+"""Triton backward kernels of the SeLoRA linear vs the float64 reference: grad_x, grad_a, grad_b and the
+per-sample Fisher statistics; no recompiles across a rank change (see tests/selora_linear_cases.py for how it
+runs on a GPU and, without one, under the Triton interpreter)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selora_linear_cases import (DTYPES, FISHER_REL_TOL, ON_GPU, REL_TOL, SHAPES, assert_rel_close,  # noqa: F401
+                                 drives_interpreter, f64, ieee_fp32, make_case, needs_gpu, needs_kernels,
+                                 run_interpreter_suite)
+
+
+# ------------------------------------------------------------------------------------------ CPU driver
+@drives_interpreter
+def test_interpreter_suite():
+    run_interpreter_suite(__file__)
+
+
+# ------------------------------------------------------------------------------------------ backward
+def _check_backward(case, dtype, num_samples, scale, multiplier, measuring, compute_grad_x, what=""):
+    from selora_kernels.kernels.selora_linear_backward import selora_linear_backward_triton
+    from selora_kernels.ops.reference import backward_reference
+
+    args = (case["grad_y"], case["x"], case["weight"], case["lora_a"], case["lora_b"], case["trial_row"],
+            case["live_rank"])
+    out = selora_linear_backward_triton(*args, scale, num_samples, multiplier, measuring, compute_grad_x)
+    ref = f64(case)
+    expected = backward_reference(ref["grad_y"], ref["x"], ref["weight"], ref["lora_a"], ref["lora_b"],
+                                  ref["trial_row"], ref["live_rank"], scale, num_samples, multiplier, measuring,
+                                  compute_grad_x)
+    grad_x, grad_a, grad_b, fisher = out
+    assert grad_a.dtype == case["lora_a"].dtype and grad_b.dtype == case["lora_b"].dtype
+    assert fisher.dtype == torch.float32 and fisher.shape == (3, case["lora_a"].shape[0] + 1)
+    if compute_grad_x:
+        assert grad_x.dtype == dtype
+        assert_rel_close(grad_x, expected[0], REL_TOL[dtype], f"grad_x{what}")
+    else:
+        assert grad_x.numel() == 0
+    assert_rel_close(grad_a, expected[1], REL_TOL[dtype], f"grad_a{what}")
+    assert_rel_close(grad_b, expected[2], REL_TOL[dtype], f"grad_b{what}")
+    if measuring:
+        for row, name in ((0, "fisher_a"), (1, "fisher_b")):
+            assert_rel_close(fisher[row], expected[3][row], FISHER_REL_TOL[dtype], f"{name}{what}")
+        assert fisher[2, 0].item() == num_samples and not fisher[2, 1:].any()
+    else:
+        assert not fisher.any()
+    rank = int(case["live_rank"])
+    assert not grad_a[rank:].any() and not grad_b[:, rank:].any(), "dead slots must get exactly zero gradient"
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("measuring", [False, True], ids=["plain", "measuring"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_backward_matches_float64(shape, dtype, measuring):
+    _, num_samples, tokens, in_f, out_f, capacity, rank = shape
+    case = make_case(num_samples, tokens, in_f, out_f, capacity, rank, dtype, seed=1, garbage_dead_slots=True)
+    _check_backward(case, dtype, num_samples, 0.5, float(num_samples), measuring, compute_grad_x=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_without_grad_x(dtype):
+    case = make_case(3, 13, 40, 30, 15, 4, dtype, seed=2, garbage_dead_slots=True)
+    for measuring in (False, True):
+        _check_backward(case, dtype, 3, 1.5, 1.0, measuring, compute_grad_x=False, what=f" m={measuring}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_strided_inputs(dtype):
+    case = make_case(2, 17, 30, 44, 15, 5, dtype, seed=4)
+    case["x"] = case["x"].t().contiguous().t()  # column-major x
+    case["grad_y"] = torch.cat([case["grad_y"], case["grad_y"]], dim=1)[:, 1::2]  # column stride 2
+    case["weight"] = case["weight"].t().contiguous().t()
+    case["lora_b"] = case["lora_b"].t().contiguous().t()
+    assert not case["x"].is_contiguous() and not case["grad_y"].is_contiguous()
+    _check_backward(case, dtype, 2, 0.5, 2.0, True, True, " (strided)")
+
+
+@needs_kernels
+def test_backward_is_deterministic():
+    case = make_case(4, 33, 40, 36, 15, 6, torch.float32, seed=5)
+    from selora_kernels.kernels.selora_linear_backward import selora_linear_backward_triton
+
+    args = (case["grad_y"], case["x"], case["weight"], case["lora_a"], case["lora_b"], case["trial_row"],
+            case["live_rank"], 0.5, 4, 4.0, True, True)
+    first = selora_linear_backward_triton(*args)
+    second = selora_linear_backward_triton(*args)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows_per_sample", [33, 2100], ids=["3_shrink_programs", "more_than_a_collect_block"])
+def test_backward_counts_non_finite_input_rows(rows_per_sample):
+    """While measuring, rows of x holding inf/NaN are counted into fisher[2, 1], as the reference does."""
+    from selora_kernels.kernels.selora_linear_backward import selora_linear_backward_triton
+    from selora_kernels.fisher_stats import FISHER_COL_NONFINITE
+    from selora_kernels.ops.reference import backward_reference
+
+    case = make_case(2, rows_per_sample, 24, 20, 15, 3, torch.float32, seed=11)
+    bad_rows = [0, rows_per_sample + 5, 2 * rows_per_sample - 1]
+    case["x"][bad_rows[0], 3] = float("nan")
+    case["x"][bad_rows[1], 0] = float("inf")
+    case["x"][bad_rows[2], 7] = -float("inf")
+    args = (case["grad_y"], case["x"], case["weight"], case["lora_a"], case["lora_b"], case["trial_row"],
+            case["live_rank"], 0.5, 2, 2.0)
+    fisher = selora_linear_backward_triton(*args, True, True)[3]
+    expected = backward_reference(*args, True, True)[3]
+    assert fisher[2, 0].item() == 2 and fisher[2, FISHER_COL_NONFINITE].item() == len(bad_rows)
+    assert expected[2, FISHER_COL_NONFINITE].item() == len(bad_rows)
+    assert not fisher[2, FISHER_COL_NONFINITE + 1:].any()
+    assert selora_linear_backward_triton(*args, False, True)[3].count_nonzero() == 0  # not measuring
+    # a diverged adapter (NaN / overflowing live A rows) with a finite input is not blamed on the input
+    case = make_case(2, rows_per_sample, 24, 20, 15, 3, torch.float32, seed=12)
+    case["lora_a"][0, 0] = float("nan")
+    case["lora_a"][1:3] *= 3e38
+    args = (case["grad_y"], case["x"], case["weight"], case["lora_a"], case["lora_b"], case["trial_row"],
+            case["live_rank"], 0.5, 2, 2.0)
+    assert selora_linear_backward_triton(*args, True, True)[3][2, FISHER_COL_NONFINITE].item() == 0
+    assert backward_reference(*args, True, True)[3][2, FISHER_COL_NONFINITE].item() == 0
+
+
+@needs_kernels
+def test_rejects_rows_not_divisible_by_samples():
+    from selora_kernels.kernels.selora_linear_backward import selora_linear_backward_triton
+
+    case = make_case(1, 10, 16, 16, 15, 2, torch.float32)
+    with pytest.raises(ValueError, match="cannot be split into 3 samples"):
+        selora_linear_backward_triton(case["grad_y"], case["x"], case["weight"], case["lora_a"], case["lora_b"],
+                                      case["trial_row"], case["live_rank"], 1.0, 3, 3.0, True, True)
+
+
+# ------------------------------------------------------------------------------------------ no recompiles
+class _LaunchRecorder:
+    """Records the specialisation-relevant part of every launch of a jit function: tensor dtypes and,
+    for ints, what Triton specialises on (== 1, divisible by 16) plus every constexpr value."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.keys = set()
+        self.launches = 0
+        kernel.add_pre_run_hook(self)
+
+    def __call__(self, *args, **kwargs):
+        def key(value):
+            if isinstance(value, torch.Tensor):
+                return ("tensor", value.dtype)
+            if isinstance(value, bool) or isinstance(value, str):
+                return ("const", value)
+            if isinstance(value, int):
+                return ("int", value == 1, value % 16 == 0)
+            if isinstance(value, float):
+                return ("float",)
+            return ("other", repr(value))
+
+        self.launches += 1
+        self.keys.add((tuple(key(a) for a in args), tuple(sorted((k, key(v)) for k, v in kwargs.items()))))
+
+    def close(self):
+        self.kernel.pre_run_hooks.remove(self)
+
+
+def _jit_cache_size(kernel) -> int:
+    caches = getattr(kernel, "device_caches", None)
+    if not caches:
+        return 0
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+@needs_kernels
+def test_rank_change_reuses_the_compiled_kernels():
+    """Growth within capacity (rank 1 -> 2 -> 7 -> 15) must launch the same specialisations: the live rank
+    is a device tensor, never a Triton int. On a GPU the JIT caches must not grow after the first rank."""
+    from selora_kernels.kernels import selora_linear_backward as bwd
+    from selora_kernels.kernels import selora_linear_forward as fwd
+
+    kernels = [fwd._fused_lowrank_matmul_kernel, bwd._shrink_kernel, bwd._segment_reduce_kernel,
+               bwd._finalize_grad_and_fisher_kernel]
+    recorders = [_LaunchRecorder(k) for k in kernels]
+    try:
+        keys_per_rank = []
+        cache_sizes = []
+        for rank in (1, 2, 7, 15):
+            case = make_case(2, 12, 32, 24, 15, rank, torch.float32, seed=rank)
+            fwd.selora_linear_forward_triton(case["x"], case["weight"], case["bias"], case["lora_a"],
+                                             case["lora_b"], 0.5)
+            _check_backward(case, torch.float32, 2, 0.5, 2.0, True, True, f" rank {rank}")
+            keys_per_rank.append([frozenset(r.keys) for r in recorders])
+            cache_sizes.append([_jit_cache_size(k) for k in kernels])
+        assert all(r.launches > 0 for r in recorders)
+        assert all(keys == keys_per_rank[0] for keys in keys_per_rank), "a rank change changed a specialisation"
+        if ON_GPU:
+            assert all(sizes == cache_sizes[0] for sizes in cache_sizes), f"recompiled: {cache_sizes}"
+    finally:
+        for recorder in recorders:
+            recorder.close()

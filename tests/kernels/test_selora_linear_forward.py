@@ -1,0 +1,52 @@
+"""Triton forward kernel of the SeLoRA linear vs the float64 reference (see tests/selora_linear_cases.py for
+how it runs on a GPU and, without one, under the Triton interpreter)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selora_linear_cases import (DTYPES, FISHER_REL_TOL, ON_GPU, REL_TOL, SHAPES, assert_rel_close,  # noqa: F401
+                                 drives_interpreter, f64, ieee_fp32, make_case, needs_gpu, needs_kernels,
+                                 run_interpreter_suite)
+
+
+# ------------------------------------------------------------------------------------------ CPU driver
+@drives_interpreter
+def test_interpreter_suite():
+    run_interpreter_suite(__file__)
+
+
+# ------------------------------------------------------------------------------------------ forward
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_forward_matches_float64(shape, dtype):
+    from selora_kernels.kernels.selora_linear_forward import selora_linear_forward_triton
+    from selora_kernels.ops.reference import forward_reference
+
+    _, num_samples, tokens, in_f, out_f, capacity, rank = shape
+    case = make_case(num_samples, tokens, in_f, out_f, capacity, rank, dtype)
+    scale = 0.75
+    y = selora_linear_forward_triton(case["x"], case["weight"], case["bias"], case["lora_a"], case["lora_b"], scale)
+    ref = f64(case)
+    expected = forward_reference(ref["x"], ref["weight"], ref["bias"], ref["lora_a"], ref["lora_b"], scale)
+    assert y.dtype == dtype and y.shape == expected.shape
+    assert_rel_close(y, expected, REL_TOL[dtype], "y")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_without_bias_and_strided_inputs(dtype):
+    from selora_kernels.kernels.selora_linear_forward import selora_linear_forward_triton
+    from selora_kernels.ops.reference import forward_reference
+
+    case = make_case(3, 11, 36, 26, 15, 6, dtype, seed=3)
+    # x as a column slice of a wider buffer, W0 transposed storage, A/B as non-contiguous views
+    x = torch.cat([case["x"], case["x"][:, :5]], dim=1)[:, :36]
+    weight = case["weight"].t().contiguous().t()
+    lora_a = case["lora_a"].t().contiguous().t()
+    lora_b = torch.cat([case["lora_b"], case["lora_b"]], dim=1)[:, ::2]
+    assert not x.is_contiguous() and not weight.is_contiguous() and not lora_b.is_contiguous()
+    y = selora_linear_forward_triton(x, weight, None, lora_a, lora_b, 2.0)
+    expected = forward_reference(x.double(), weight.double(), None, lora_a.double(), lora_b.double(), 2.0)
+    assert_rel_close(y, expected, REL_TOL[dtype], "y (strided, no bias)")
