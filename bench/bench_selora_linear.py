@@ -2,13 +2,13 @@
 
 Ours: ``SeLoRALinear`` (the ``selora::linear`` op: the reference implementation on the CPU; on a GPU
 whatever ``ops/cuda_impl.py`` dispatches to: fused Triton, merged weight or reference; recorded as `path`).
-Baselines, same inputs, same run (KERNEL_NOTES 8.1, 8.5b, 9.11):
+Baselines, same inputs, same run (why these: docs/kernel_design.md#baselines-the-benchmarks-compare-against):
     frozen     nn.Linear alone (the floor: what the layer costs without an adapter)
     unfused    F.linear(x, W0, b0) + s * F.linear(F.linear(x, A), B)   (A, B at the live rank r)
     peft       peft's LoRA Linear (dropout 0, adapter in the base dtype), rank r
     merged     F.linear(x, W0 + s B A, b0)   (rank-r update of the weight, one GEMM)
     triton_fwd (GPU, fwd only) the Triton forward launcher called directly, when it exists
-    ours_fused / ours_merged / ours_reference (GPU) our op with cuda_impl.force_path(...): each path of
+    ours_fused / ours_merged / ours_reference (GPU) our op under ops.selora_linear.using_path(...): each path of
                the per-shape dispatch, so the dispatch table can be checked against measurements
 Modes: fwd = training forward (graph built, x requires grad); fwd_bwd = forward + backward with a fixed
 upstream gradient, grads set to None before every call (zero_grad(set_to_none=True)).
@@ -55,16 +55,15 @@ def _triton_forward():
     return None
 
 
-def _force_path():
+def _using_path():
     try:
-        return importlib.import_module("selora_kernels.ops.cuda_impl").force_path
+        return importlib.import_module("selora_kernels.ops.selora_linear").using_path
     except Exception:  # noqa: BLE001
         return None
 
 
 # Our op with its dispatch overridden (GPU): which path the per-shape heuristic should pick.
-PATH_VARIANTS = {"ours_fused": ("fused", "fused"), "ours_merged": ("merged", None),
-                 "ours_reference": ("reference", "reference")}
+PATH_VARIANTS = {"ours_fused": "fused", "ours_merged": "merged", "ours_reference": "reference"}
 
 
 def build_providers(harness, device, shape, rank, dtype, mode, errors):
@@ -118,19 +117,14 @@ def build_providers(harness, device, shape, rank, dtype, mode, errors):
                     tensor.grad = None
                 f(x).backward(grad_y)
             providers[name] = step
-    force_path = _force_path() if device == "cuda" else None
-    if device == "cuda" and force_path is None:
-        errors["ours_fused"] = "skipped: selora_kernels.ops.cuda_impl.force_path not importable"
-    elif force_path is not None:
-        for name, (forward_path, backward_path) in PATH_VARIANTS.items():
-            def forced(run=providers["ours"], paths=(forward_path, backward_path)):
-                force_path("forward", paths[0])
-                force_path("backward", paths[1])
-                try:
+    using_path = _using_path() if device == "cuda" else None
+    if device == "cuda" and using_path is None:
+        errors["ours_fused"] = "skipped: selora_kernels.ops.selora_linear.using_path not importable"
+    elif using_path is not None:
+        for name, path in PATH_VARIANTS.items():
+            def forced(run=providers["ours"], path=path):
+                with using_path(path):
                     return run()
-                finally:
-                    force_path("forward", None)
-                    force_path("backward", None)
             providers[name] = forced
     if device == "cuda" and mode == "fwd":
         launcher = _triton_forward()

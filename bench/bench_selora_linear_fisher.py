@@ -8,10 +8,12 @@
                      cost of the Fisher alone the vmap way (it recomputes the forward per sample).
     bmm_fisher       the same per-sample gradients through batched GEMMs (P = dY B, U = x A^T, then
                      einsum/bmm per sample), squares summed per slot: the honest PyTorch baseline
-                     (KERNEL_NOTES 8.5b). Also the Fisher alone.
+                     (docs/kernel_design.md#baselines-the-benchmarks-compare-against). Also the Fisher
+                     alone.
 
-Metrics (KERNEL_NOTES 8.4 defines the measure): increment = ours_fisher - ours_no_fisher (what measuring
-costs on top of training); targets: ours_fisher / ours_no_fisher <= 1.10, vmap_fisher / increment >= 20.
+Metrics (why the increment is the measure: docs/kernel_design.md#measuring-the-fishers-cost):
+increment = ours_fisher - ours_no_fisher (what measuring costs on top of training); targets: ours_fisher /
+ours_no_fisher <= 1.10, vmap_fisher / increment >= 20.
 An increment within timing noise (<= 0) is recorded as such and the vmap ratio as inf.
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Roofline floors of the GPU benchmark cases: what no implementation of a provider can beat (KERNEL_NOTES 8).
+"""Roofline floors of the GPU benchmark cases: what no implementation of a provider can beat (model and
+reading: docs/kernel_design.md#byte-and-flop-budget-roofline-per-sd-15-shape).
 
 Each provider is written down as the kernels it launches, each with the FLOPs it must do and the fewest
 bytes it must move through HBM (every operand read once per kernel, every result written once). A kernel's
@@ -8,13 +9,14 @@ which is what decides the small layers (text encoder: ~1 us of bytes, a few us p
 
 Our kernels are counted from their real launch plan (kernels/launch_table.py: block tables, capacity class,
 chunking of the segment reduction), so a change of block size shows up here. The baselines are counted
-from the graphs the benchmarks run (bench_selora_linear.py, bench_selora_linear_fisher.py); peft's forward is the same
-5-kernel chain as `unfused` (dropout 0 is an Identity).
+from the graphs the benchmarks run (bench_selora_linear.py, bench_selora_linear_fisher.py); peft's forward is
+the same 5-kernel chain as `unfused` (dropout 0 is an Identity).
 
-Ceilings: measured on this workplace's machines (device/KINDS.md): H100 copy 3.0 TB/s (reads + writes),
-bf16 matrix product 798 TFLOP/s; H200 4.3 TB/s, 790 TFLOP/s. fp32: ~60 TFLOP/s on the SIMT units (IEEE,
-torch's default "highest" precision) and ~380 with TF32 (KERNEL_NOTES 8.5). Not measured here: no GPU has
-been lent to this project; these numbers are predictions, and a GPU run stores them beside its timings.
+Ceilings: measured on the H100 / H200 machines this project borrows (copy bandwidth, bf16 matrix rate): H100
+copy 3.0 TB/s (reads + writes), bf16 matrix product 798 TFLOP/s; H200 4.3 TB/s, 790 TFLOP/s. fp32: ~60 TFLOP/s
+on the SIMT units (IEEE, torch's default "highest" precision) and ~380 with TF32 (nominal rates, not
+measured). Not measured here: no GPU has been lent to this project; these numbers are predictions, and a GPU
+run stores them beside its timings.
 
     python -m bench.roofline            # the prediction table of bench/README.md (H100)
 """

@@ -13,7 +13,7 @@
 //                     p <- p (1 - lr wd);  m <- lerp(m, g, 1 - b1);  v <- b2 v + (1 - b2) g^2
 //                     p <- p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)
 //                   i.e. exactly torch.optim.AdamW(foreach=False) on each slot as if it were a fresh
-//                   tensor that went live when the slot did (see KERNEL_NOTES section 7).
+//                   tensor that went live when the slot did (why: docs/algorithm.md#optimizer-state-on-growth).
 //
 // Build modes: setup.py defines SELORA_PYTHON_MODULE (the library is the Python module
 // selora_kernels._C); the JIT loader and CMake build a plain shared library for torch.ops.load_library.

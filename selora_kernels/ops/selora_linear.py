@@ -22,14 +22,34 @@ more per layer and training step on a CPU (200 small layers: 15 -> 21 ms per for
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from ..fisher_stats import fisher_dtype, statistics_shape
+from . import cuda_impl
 from .cuda_impl import backward_cuda, forward_cuda
 from .reference import backward_reference, forward_reference
+
+
+@contextlib.contextmanager
+def using_path(name: str) -> Iterator[None]:
+    """Within the block, CUDA calls of both ops take path `name` ("fused", "merged" or "reference") instead of
+    the per-shape dispatch (for benchmarks and tests; last_paths() says what ran). "merged" is a forward path
+    only: the backward keeps its own choice. A fused launch the kernels cannot take still falls back to the
+    reference. The previous setting comes back on exit."""
+    if name not in cuda_impl.FORWARD_PATHS:
+        raise ValueError(f"path must be one of {cuda_impl.FORWARD_PATHS}, got {name!r}")
+    previous = dict(cuda_impl._forced_paths)
+    cuda_impl.force_path("forward", name)
+    cuda_impl.force_path("backward", name if name in cuda_impl.BACKWARD_PATHS else None)
+    try:
+        yield
+    finally:
+        cuda_impl.force_path("forward", previous["forward"])
+        cuda_impl.force_path("backward", previous["backward"])
 
 
 @torch.library.custom_op("selora::linear", mutates_args=())

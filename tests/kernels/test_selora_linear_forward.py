@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selora_linear_cases import (DTYPES, FISHER_REL_TOL, ON_GPU, REL_TOL, SHAPES, assert_rel_close,  # noqa: F401
-                                 drives_interpreter, f64, ieee_fp32, make_case, needs_gpu, needs_kernels,
-                                 run_interpreter_suite)
+# ieee_fp32 is an autouse fixture: imported so that it applies here
+from selora_linear_cases import (DTYPES, REL_TOL, SHAPES, assert_rel_close, drives_interpreter, f64, ieee_fp32,
+                                 make_case, needs_kernels, run_interpreter_suite)
 
 
 # ------------------------------------------------------------------------------------------ CPU driver

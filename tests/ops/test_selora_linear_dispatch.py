@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selora_linear_cases import (DTYPES, FISHER_REL_TOL, ON_GPU, REL_TOL, SHAPES, assert_rel_close,  # noqa: F401
-                                 drives_interpreter, f64, ieee_fp32, make_case, needs_gpu, needs_kernels,
-                                 run_interpreter_suite)
+# ieee_fp32 is an autouse fixture: imported so that it applies here
+from selora_linear_cases import (DTYPES, FISHER_REL_TOL, REL_TOL, assert_rel_close, drives_interpreter, f64,
+                                 ieee_fp32, make_case, needs_gpu, needs_kernels, run_interpreter_suite)
 
 
 # ------------------------------------------------------------------------------------------ CPU driver
@@ -67,6 +67,30 @@ def test_choose_forward_path_table():
     assert cuda_impl.choose_forward_path(64, 64, 64, 15, torch.float64) == "reference"
     with pytest.raises(ValueError):
         cuda_impl.force_path("forward", "fast")
+
+
+def test_using_path_forces_both_ops_and_restores():
+    from selora_kernels.ops import cuda_impl
+    from selora_kernels.ops.selora_linear import using_path
+
+    if not cuda_impl.TRITON_AVAILABLE:
+        pytest.skip("triton missing: everything takes the reference path")
+
+    def paths():
+        return (cuda_impl.choose_forward_path(616, 768, 320, 15, torch.bfloat16),
+                cuda_impl.choose_backward_path(15, torch.bfloat16, True))
+
+    assert paths() == ("fused", "fused")
+    with using_path("merged"):
+        assert paths() == ("merged", "fused")  # merged is a forward path only
+        with using_path("reference"):
+            assert paths() == ("reference", "reference")
+        assert paths() == ("merged", "fused")
+    assert paths() == ("fused", "fused")
+    with pytest.raises(ValueError, match="path must be one of"):
+        with using_path("fast"):
+            pass
+    assert paths() == ("fused", "fused")
 
 
 @needs_kernels
