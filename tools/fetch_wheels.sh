@@ -5,7 +5,7 @@
 #     bash tools/fetch_wheels.sh                 # the default set below
 #     bash tools/fetch_wheels.sh NAME==VER ...   # the default set plus these
 #
-# What the GPU image lacks (/work/.library/device/KINDS.md, "Python packages already there"): of our
+# What the GPU image lacks (its package list, as the device machine reports it): of our
 # requirements only diffusers (and its importlib_metadata); torch, triton, peft, transformers, accelerate,
 # safetensors, pytest, pytest-benchmark, pytest-timeout are there. The GPU tests of gpu_run.sh need none of
 # these; diffusers is for GPU-marked tests that build a (tiny) pipeline. Python 3.12, manylinux x86_64,
