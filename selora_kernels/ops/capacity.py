@@ -83,6 +83,11 @@ def grow_capacity_(tensors: Sequence[torch.Tensor], slot_dims: Sequence[int], ne
     The same Python objects (Parameters, their .grad, optimizer state) end up with the bigger shape:
     old values in the leading slice, zeros in the new slots. Equal size: no-op; bigger: ValueError.
     """
+    if torch.compiler.is_compiling():
+        # resizing inputs is a metadata mutation no op schema can declare: a traced graph cannot hold it
+        raise RuntimeError("grow_capacity_ cannot run inside torch.compile: it reallocates its inputs in place "
+                           "(shape change); grow the adapters outside the compiled region (ExpansionController "
+                           "does this after optimizer.step)")
     tensors, slot_dims, new_capacity = list(tensors), [int(d) for d in slot_dims], int(new_capacity)
     _check_grow(tensors, slot_dims, new_capacity)
     if _use_extension(backend):

@@ -374,6 +374,22 @@ def test_adam_step_opcheck():
                           (lora_a, lora_b, trial_rows, live_ranks, ranks, 17))
 
 
+def test_grow_capacity_opcheck_and_clear_error_under_compile():
+    """grow_capacity_ resizes its inputs: schema, autograd registration and fake tensors check out; a traced
+    graph cannot hold a resize (aot_dispatch fails by design), so under torch.compile it raises clearly."""
+    _requires_extension()
+    tensors = [torch.randn(3, 4), torch.randn(5, 3)]
+    torch.library.opcheck(torch.ops.selora_ext.grow_capacity_.default, (tensors, [0, 1], 7),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+    def grow(a, b):
+        grow_capacity_([a, b], [0, 1], 7)
+        return a.sum()
+
+    with pytest.raises(Exception, match="cannot run inside torch.compile"):
+        torch.compile(grow, backend="eager", fullgraph=True)(torch.randn(3, 4), torch.randn(5, 3))
+
+
 # ---------------------------------------------------------------------------------------------------
 # The loader (selora_kernels._extension)
 # ---------------------------------------------------------------------------------------------------
