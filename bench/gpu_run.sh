@@ -84,12 +84,12 @@ skip_step() {  # NAME REASON
 
 # ---------------------------------------------------------------------------------------------- files
 TRITON_TESTS="tests/kernels/test_selora_linear_forward.py tests/kernels/test_selora_linear_backward.py tests/ops/test_selora_linear_dispatch.py"
-GPU_TESTS_ALL="$TRITON_TESTS tests/ops/test_capacity_ops.py tests/nn/test_selora_linear.py tests/expansion/test_fisher.py tests/expansion/test_growth.py"
+GPU_TESTS_ALL="$TRITON_TESTS tests/ops/test_capacity.py tests/nn/test_selora_linear.py tests/expansion/test_fisher.py tests/expansion/test_growth.py"
 GPU_TESTS_REST=""
-for f in tests/ops/test_capacity_ops.py tests/nn/test_selora_linear.py tests/expansion/test_fisher.py tests/expansion/test_growth.py; do
+for f in tests/ops/test_capacity.py tests/nn/test_selora_linear.py tests/expansion/test_fisher.py tests/expansion/test_growth.py; do
   [ -f "$f" ] && GPU_TESTS_REST="$GPU_TESTS_REST $f"
 done
-BENCH_FILES="bench/bench_selora_linear.py bench/bench_capacity_ops.py bench/bench_selora_linear_fisher.py"  # priority order
+BENCH_FILES="bench/bench_selora_linear.py bench/bench_capacity.py bench/bench_selora_linear_fisher.py"  # priority order
 run_step files 30 1 "
   missing=0
   for f in setup.py selora_kernels/__init__.py bench/__init__.py bench/conftest.py bench/harness.py $BENCH_FILES bench/gpu_run.sh; do

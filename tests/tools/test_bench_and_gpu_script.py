@@ -29,7 +29,7 @@ def test_benchmark_flag_is_known_and_collection_works():
                       "-p", "no:cacheprovider"], timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     collected = [line for line in result.stdout.splitlines() if "::" in line]
-    for op_file in ("bench_selora_linear.py", "bench_selora_linear_fisher.py", "bench_capacity_ops.py"):
+    for op_file in ("bench_selora_linear.py", "bench_selora_linear_fisher.py", "bench_capacity.py"):
         assert any(op_file in line for line in collected), f"{op_file} not collected"
     assert any("[cpu-" in line for line in collected)  # CPU cases exist on a machine without a GPU
 
