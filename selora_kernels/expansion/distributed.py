@@ -75,7 +75,7 @@ class GrownGradientSync:
     DistributedDataParallel records every parameter's size when it is built; a parameter reallocated in place
     afterwards is silently left out of its averaging (each process keeps its own gradient, and weights and
     Adam state drift apart). The first adapter gradient of a backward queues one callback that all-reduces
-    the gradients of every module with `grown_in_place` set, flattened into one tensor. It runs inside the
+    the gradients of every module with `reallocated` set, flattened into one tensor. It runs inside the
     backward, so gradient clipping and the GradScaler's overflow check see averaged gradients; where DDP
     did average a gradient, averaging identical values again changes nothing. With gradient accumulation
     each micro-batch's backward averages the running sum, which is the same mean.
@@ -101,7 +101,7 @@ class GrownGradientSync:
     def average_(self) -> None:
         """All-reduces (mean) the gradients of the grown modules now."""
         self._queued = False
-        grads = [p.grad for m in self.modules if m.grown_in_place for p in (m.lora_A, m.lora_B)
+        grads = [p.grad for m in self.modules if m.reallocated for p in (m.lora_A, m.lora_B)
                  if p.grad is not None]
         if not grads or not is_distributed():
             return

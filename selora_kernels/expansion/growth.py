@@ -35,7 +35,7 @@ def grow_modules_(modules: Sequence[SeLoRALinear], new_capacity: int, optimizer=
                     dims.append(state_dim)
     grow_capacity_(tensors, dims, new_capacity, backend=backend)
     for module in modules:
-        module.grown_in_place = True
+        module.reallocated = True
         module.reset_measuring()  # the statistics' width follows the capacity: measuring restarts
 
 

@@ -77,9 +77,10 @@ class SeLoRALinear(nn.Module):
         self.register_buffer("live_rank", torch.tensor(r_init, dtype=torch.int64, device=weight.device))
         self.register_buffer("trial_row", torch.empty(in_features, **factory))
         self._rank = r_init  # host mirror of live_rank: no device sync to read the rank
-        # set when the buffers were reallocated in place (growth past capacity): DistributedDataParallel,
-        # built around the old sizes, no longer averages their gradients (expansion.distributed)
-        self.grown_in_place = False
+        # set whenever the buffers are reallocated (growth past capacity, a load at another capacity):
+        # DistributedDataParallel, built around the old sizes, no longer averages their gradients
+        # (expansion.distributed averages them instead)
+        self.reallocated = False
         self._fisher_probe: Optional[torch.Tensor] = None
         self._per_sample_reduction = "mean"
         bound = kaiming_uniform_bound(in_features)
@@ -239,6 +240,7 @@ class SeLoRALinear(nn.Module):
             self.lora_B.data = self.lora_B.new_zeros(self.out_features, capacity)
         self.lora_A.grad = self.lora_B.grad = None  # of the old shape (load before building the optimizer)
         self._fisher_probe = None
+        self.reallocated = True
 
 
 def check_saved_adapter(name, lora_a, lora_b, rank, in_features, out_features) -> None:

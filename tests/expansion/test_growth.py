@@ -176,8 +176,10 @@ def test_state_dict_round_trip_adopts_rank_and_capacity():
     fresh = SeLoRALinear(6, 4)
     fresh.weight.data.copy_(trained.weight)
     fresh.bias.data.copy_(trained.bias)
+    assert trained.reallocated and not fresh.reallocated
     fresh.load_state_dict(trained.state_dict())
     assert fresh.rank == 3 and fresh.capacity == trained.capacity
+    assert fresh.reallocated  # a DDP built before the load no longer averages its gradients
     x = torch.randn(2, 6, generator=gen)
     assert torch.equal(fresh(x), trained(x))
 
