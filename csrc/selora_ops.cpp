@@ -14,6 +14,7 @@
 //                     p <- p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)
 //                   i.e. exactly torch.optim.AdamW(foreach=False) on each slot as if it were a fresh
 //                   tensor that went live when the slot did (why: docs/algorithm.md#optimizer-state-on-growth).
+//                   Arithmetic in float (fp32 / fp16 / bf16 buffers) or double (fp64 buffers).
 //
 // Build modes: setup.py defines SELORA_PYTHON_MODULE (the library is the Python module
 // selora_kernels._C); the JIT loader and CMake build a plain shared library for torch.ops.load_library.
@@ -171,6 +172,8 @@ void adam_step_cpu_one(
   scalar_t* v_ptr = exp_avg_sq.data_ptr<scalar_t>();
   float* steps_ptr = slot_steps.data_ptr<float>();
 
+  using opmath_t = adam_compute_t<scalar_t>;
+  const AdamCoeffs<opmath_t>& c = h.coeffs<opmath_t>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(per_slot, 1));
   at::parallel_for(0, live, grain, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
@@ -178,25 +181,25 @@ void adam_step_cpu_one(
       steps_ptr[k * step_stride] = step;
       const double bias_correction1 = 1.0 - std::pow(h.beta1, static_cast<double>(step));
       const double bias_correction2 = 1.0 - std::pow(h.beta2, static_cast<double>(step));
-      const float neg_step_size = static_cast<float>(-(h.lr / bias_correction1));
-      const float bias_correction2_sqrt = static_cast<float>(std::sqrt(bias_correction2));
+      const opmath_t neg_step_size = static_cast<opmath_t>(-(h.lr / bias_correction1));
+      const opmath_t bias_correction2_sqrt = static_cast<opmath_t>(std::sqrt(bias_correction2));
       scalar_t* p_slot = p_ptr + k * p_ss;
       const scalar_t* g_slot = g_ptr + k * g_ss;
       scalar_t* m_slot = m_ptr + k * m_ss;
       scalar_t* v_slot = v_ptr + k * v_ss;
       for (int64_t j = 0; j < per_slot; ++j) {
-        float p = static_cast<float>(p_slot[j * p_es]);
-        const float g = static_cast<float>(g_slot[j * g_es]);
-        float m = static_cast<float>(m_slot[j * m_es]);
-        float v = static_cast<float>(v_slot[j * v_es]);
+        opmath_t p = static_cast<opmath_t>(p_slot[j * p_es]);
+        const opmath_t g = static_cast<opmath_t>(g_slot[j * g_es]);
+        opmath_t m = static_cast<opmath_t>(m_slot[j * m_es]);
+        opmath_t v = static_cast<opmath_t>(v_slot[j * v_es]);
         if (h.apply_decay) {
-          p = p * h.decay;
+          p = p * c.decay;
         }
         // torch.lerp's formula (the one AdamW uses for exp_avg).
-        m = (std::abs(h.lerp_weight) < 0.5f) ? m + h.lerp_weight * (g - m)
-                                             : g - (g - m) * (1.0f - h.lerp_weight);
-        v = v * h.beta2_f + h.one_minus_beta2 * g * g;
-        const float denom = std::sqrt(v) / bias_correction2_sqrt + h.eps;
+        m = (std::abs(c.lerp_weight) < opmath_t(0.5)) ? m + c.lerp_weight * (g - m)
+                                                      : g - (g - m) * (opmath_t(1) - c.lerp_weight);
+        v = v * c.beta2 + c.one_minus_beta2 * g * g;
+        const opmath_t denom = std::sqrt(v) / bias_correction2_sqrt + c.eps;
         p = p + neg_step_size * (m / denom);
         p_slot[j * p_es] = static_cast<scalar_t>(p);
         m_slot[j * m_es] = static_cast<scalar_t>(m);

@@ -10,34 +10,64 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 namespace selora {
 
+// Arithmetic type of the Adam update of a buffer of dtype scalar_t: double for fp64 buffers (a float
+// update would round them to fp32 precision, moving them even at lr = 0), float otherwise (AdamW's
+// fp32 compute type for fp32 / fp16 / bf16).
+template <typename scalar_t>
+using adam_compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// The per-element coefficients of adam_step_ in the compute type T.
+template <typename T>
+struct AdamCoeffs {
+  T lerp_weight;      // 1 - beta1   (exp_avg.lerp_(grad, 1 - beta1))
+  T beta2;            // beta2       (exp_avg_sq.mul_(beta2))
+  T one_minus_beta2;  // 1 - beta2   (addcmul_(grad, grad, value=1 - beta2))
+  T eps;              // eps         (denom.add_(eps))
+  T decay;            // 1 - lr * weight_decay (param.mul_(...)); 1 when weight_decay == 0
+
+  static AdamCoeffs make(double lr, double beta1, double beta2, double eps, double weight_decay) {
+    AdamCoeffs c;
+    c.lerp_weight = static_cast<T>(1.0 - beta1);
+    c.beta2 = static_cast<T>(beta2);
+    c.one_minus_beta2 = static_cast<T>(1.0 - beta2);
+    c.eps = static_cast<T>(eps);
+    c.decay = static_cast<T>(1.0 - lr * weight_decay);
+    return c;
+  }
+};
+
 // Hyper-parameters of one adam_step_ call, pre-computed once on the host in double precision exactly
-// as torch.optim.AdamW (single_tensor) computes them in Python, then cast to float where AdamW's
-// tensor ops cast the Python scalar to the tensor's (fp32) compute type.
+// as torch.optim.AdamW (single_tensor) computes them in Python, then cast to the compute type where
+// AdamW's tensor ops cast the Python scalar to the tensor's compute type (float, or double for fp64).
 struct AdamHyper {
   double lr;
   double beta1;
   double beta2;
-  float lerp_weight;          // 1 - beta1   (exp_avg.lerp_(grad, 1 - beta1))
-  float beta2_f;              // beta2       (exp_avg_sq.mul_(beta2))
-  float one_minus_beta2;      // 1 - beta2   (addcmul_(grad, grad, value=1 - beta2))
-  float eps;                  // eps         (denom.add_(eps))
-  float decay;                // 1 - lr * weight_decay (param.mul_(...)); 1 when weight_decay == 0
+  AdamCoeffs<float> f32;
+  AdamCoeffs<double> f64;
   bool apply_decay;
+
+  template <typename T>
+  const AdamCoeffs<T>& coeffs() const {
+    if constexpr (std::is_same_v<T, double>) {
+      return f64;
+    } else {
+      return f32;
+    }
+  }
 
   static AdamHyper make(double lr, double beta1, double beta2, double eps, double weight_decay) {
     AdamHyper h;
     h.lr = lr;
     h.beta1 = beta1;
     h.beta2 = beta2;
-    h.lerp_weight = static_cast<float>(1.0 - beta1);
-    h.beta2_f = static_cast<float>(beta2);
-    h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-    h.eps = static_cast<float>(eps);
+    h.f32 = AdamCoeffs<float>::make(lr, beta1, beta2, eps, weight_decay);
+    h.f64 = AdamCoeffs<double>::make(lr, beta1, beta2, eps, weight_decay);
     h.apply_decay = weight_decay != 0.0;
-    h.decay = static_cast<float>(1.0 - lr * weight_decay);
     return h;
   }
 };

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from selora_kernels.evaluation.metrics import MissingWeightsError
 from selora_kernels.experiments.compare import CompareOptions, run_comparison
-from selora_kernels.experiments.options import options_parser, parse_options
+from selora_kernels.experiments.options import options_parser, parse_options, report_user_errors
 
 
 def build_parser():
@@ -22,12 +21,11 @@ def build_parser():
 
 def main(argv=None) -> int:
     options = parse_options(CompareOptions, argv, build_parser())
-    try:
-        report = run_comparison(options)
-    except (MissingWeightsError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(report)
+    return report_user_errors(lambda: compare(options))  # MissingWeightsError is a FileNotFoundError
+
+
+def compare(options: CompareOptions) -> int:
+    print(run_comparison(options))
     return 0
 
 

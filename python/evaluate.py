@@ -11,7 +11,8 @@ import argparse
 import json
 import sys
 
-from selora_kernels.evaluation.metrics import Evaluator, MissingWeightsError, evaluate_folders
+from selora_kernels.evaluation.metrics import Evaluator, evaluate_folders
+from selora_kernels.experiments.options import report_user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,13 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        evaluator = Evaluator.from_paths(args.inception_weights, args.clip_model, kid=args.kid,
-                                         inception_input_size=args.inception_input_size, device=args.device)
-        result = evaluate_folders(evaluator, args.generated, args.real, resolution=args.resolution)
-    except (MissingWeightsError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return report_user_errors(lambda: evaluate(args))  # MissingWeightsError is a FileNotFoundError
+
+
+def evaluate(args) -> int:
+    evaluator = Evaluator.from_paths(args.inception_weights, args.clip_model, kid=args.kid,
+                                     inception_input_size=args.inception_input_size, device=args.device)
+    result = evaluate_folders(evaluator, args.generated, args.real, resolution=args.resolution)
     for key, entry in result["summary"].items():
         print(f"{key}: {entry['mean']:.4f} ± {entry['std']:.4f} (n={entry['n']})")
     if args.json:

@@ -13,7 +13,7 @@ import sys
 import time
 
 from selora_kernels.experiments.finetune import FinetuneOptions, rank_summary, run_finetune
-from selora_kernels.experiments.options import options_parser, parse_options
+from selora_kernels.experiments.options import options_parser, parse_options, report_user_errors
 
 
 def build_parser():
@@ -24,6 +24,10 @@ def main(argv=None) -> int:
     options = parse_options(FinetuneOptions, argv, build_parser())
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("selora_kernels.expansion.controller").setLevel(logging.WARNING)  # summary at the end
+    return report_user_errors(lambda: finetune(options))
+
+
+def finetune(options: FinetuneOptions) -> int:
     began = time.perf_counter()
     result = run_finetune(options)
     if int(os.environ.get("RANK", "0")) != 0:

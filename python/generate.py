@@ -13,12 +13,13 @@ by default the pipeline samples at its own size (512 px for SD 1.5).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
+from selora_kernels.data.records import caption_rows, read_jsonl
 from selora_kernels.evaluation.generation import (PAPER_GUIDANCE, PAPER_STEPS, generate_for_seeds,
                                                   load_pipeline_with_adapter)
+from selora_kernels.experiments.options import report_user_errors
 
 
 def read_prompts(args) -> list:
@@ -26,8 +27,7 @@ def read_prompts(args) -> list:
         path = os.path.join(args.prompts_from, "metadata.jsonl")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--prompts-from {args.prompts_from}: no metadata.jsonl (file_name, text) there")
-        with open(path) as handle:
-            return [json.loads(line)["text"] for line in handle if line.strip()]
+        return [str(row["text"]) for row in caption_rows(path, read_jsonl(path), ("text",))]
     if args.prompts is None:
         raise ValueError("give --prompts FILE (one prompt per line) or --prompts-from FOLDER (metadata.jsonl)")
     with open(args.prompts) as handle:
@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None,
                    help="local diffusers folder (default: the tiny pipeline fine-tuning saved in "
                         "<run dir>/tiny_pipeline next to --adapter; if absent, one rebuilt with --pipeline-seed)")
-    p.add_argument("--adapter", default=None, help="folder with pytorch_lora_weights.safetensors (any method)")
+    p.add_argument("--adapter", default=None,
+                   help="folder with pytorch_lora_weights.safetensors (any method: <run dir>/peft_lora or best), "
+                        "or a SeLoRA adapter file (<run dir>/adapter.safetensors)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line")
     p.add_argument("--prompts-from", default=None, help="an image folder with metadata.jsonl (e.g. real test images)")
     p.add_argument("--out", required=True, help="output folder; one sub-folder seed_<s> per seed")
@@ -61,12 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        prompts = read_prompts(args)
-        pipe = load_pipeline_with_adapter(args.pretrained, args.adapter, device=args.device, seed=args.pipeline_seed)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return report_user_errors(lambda: generate(args))
+
+
+def generate(args) -> int:
+    prompts = read_prompts(args)
+    pipe = load_pipeline_with_adapter(args.pretrained, args.adapter, device=args.device, seed=args.pipeline_seed)
     folders = generate_for_seeds(pipe, prompts, args.seeds, args.out, num_inference_steps=args.steps,
                                  guidance_scale=args.guidance, batch_size=args.batch_size, height=args.resolution,
                                  width=args.resolution, progress=not args.no_progress)

@@ -150,8 +150,9 @@ def test_function_local_imports_are_optional_dependencies_with_a_reason():
         in_package = (isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith(
             "selora_kernels"))) or (isinstance(node, ast.Import) and any(
                 a.name.startswith("selora_kernels") for a in node.names))
-        # in-package exceptions: the optional compiled part, and the Triton kernel modules (Triton is optional)
-        optional_part = "_C" in line or "kernels." in line
+        # in-package exceptions: the optional compiled part, the Triton kernel modules (Triton is optional) and
+        # the peft integration (peft is optional below it)
+        optional_part = "_C" in line or "kernels." in line or "peft_method" in line
         reason = _has_reason(lines_of[module], lineno)
         if (in_package and not optional_part) or not reason:
             bad.append(f"{module}:{lineno}: {line.strip()}")

@@ -4,7 +4,8 @@
 //   t_k = ++steps[k];  bc1 = 1 - b1^t_k;  bc2 = 1 - b2^t_k
 //   p <- p (1 - lr wd);  m <- lerp(m, g, 1 - b1);  v <- b2 v + (1 - b2) g^2
 //   p <- p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)
-// Dead slots (k >= live_rank) are not read or written.
+// Dead slots (k >= live_rank) are not read or written. Arithmetic in float (fp32 / fp16 / bf16
+// buffers) or double (fp64 buffers), as in the CPU kernel.
 //
 // Two launches per chunk of up to kMaxTensorsPerLaunch tensors of one dtype:
 //   1. increment_slot_steps_kernel: steps[k] += 1 for live slots (one block per tensor);
@@ -20,6 +21,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 namespace selora {
@@ -49,9 +51,35 @@ struct AdamLaunchMeta {
 
 struct AdamHyperDevice {
   double lr, beta1, beta2;
-  float lerp_weight, beta2_f, one_minus_beta2, eps, decay;
+  AdamCoeffs<float> f32;   // fp32 / fp16 / bf16 buffers
+  AdamCoeffs<double> f64;  // fp64 buffers
   int apply_decay;
 };
+
+// Correctly rounded arithmetic in the compute type (float or double). The explicit _rn intrinsics
+// keep nvcc from contracting into FMAs, so the result matches the CPU kernel and torch.optim.AdamW
+// to the last bit in most cases.
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
+__device__ __forceinline__ float abs_of(float a) { return fabsf(a); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ double sqrt_rn(double a) { return __dsqrt_rn(a); }
+__device__ __forceinline__ double abs_of(double a) { return fabs(a); }
+
+template <typename T>
+__device__ __forceinline__ const AdamCoeffs<T>& coeffs_of(const AdamHyperDevice& h) {
+  if constexpr (std::is_same_v<T, double>) {
+    return h.f64;
+  } else {
+    return h.f32;
+  }
+}
 
 __device__ __forceinline__ int64_t clamp_live(const AdamTensorMeta& t) {
   const int64_t live = *t.live_rank;
@@ -68,6 +96,8 @@ __global__ void increment_slot_steps_kernel(AdamLaunchMeta meta) {
 
 template <typename scalar_t>
 __global__ void adam_update_kernel(AdamLaunchMeta meta, AdamHyperDevice h) {
+  using opmath_t = adam_compute_t<scalar_t>;
+  const AdamCoeffs<opmath_t>& c = coeffs_of<opmath_t>(h);
   const AdamTensorMeta& t = meta.tensors[blockIdx.y];
   const int64_t live = clamp_live(t);
   // Elements are enumerated slot-major: index = k * per_slot + j, so dead slots are never visited.
@@ -83,27 +113,26 @@ __global__ void adam_update_kernel(AdamLaunchMeta meta, AdamHyperDevice h) {
     const double step = static_cast<double>(t.slot_steps[k * t.step_stride]);
     const double bias_correction1 = 1.0 - pow(h.beta1, step);
     const double bias_correction2 = 1.0 - pow(h.beta2, step);
-    const float neg_step_size = static_cast<float>(-(h.lr / bias_correction1));
-    const float bias_correction2_sqrt = static_cast<float>(sqrt(bias_correction2));
+    const opmath_t neg_step_size = static_cast<opmath_t>(-(h.lr / bias_correction1));
+    const opmath_t bias_correction2_sqrt = static_cast<opmath_t>(sqrt(bias_correction2));
 
     const int64_t p_off = k * t.p_ss + j * t.p_es;
     const int64_t m_off = k * t.m_ss + j * t.m_es;
     const int64_t v_off = k * t.v_ss + j * t.v_es;
-    float p = static_cast<float>(p_ptr[p_off]);
-    const float g = static_cast<float>(g_ptr[k * t.g_ss + j * t.g_es]);
-    float m = static_cast<float>(m_ptr[m_off]);
-    float v = static_cast<float>(v_ptr[v_off]);
+    opmath_t p = static_cast<opmath_t>(p_ptr[p_off]);
+    const opmath_t g = static_cast<opmath_t>(g_ptr[k * t.g_ss + j * t.g_es]);
+    opmath_t m = static_cast<opmath_t>(m_ptr[m_off]);
+    opmath_t v = static_cast<opmath_t>(v_ptr[v_off]);
     if (h.apply_decay) {
-      p = __fmul_rn(p, h.decay);
+      p = mul_rn(p, c.decay);
     }
-    // torch.lerp's formula; the explicit _rn intrinsics keep nvcc from contracting into FMAs so the
-    // result matches the CPU kernel and torch.optim.AdamW to the last bit in most cases.
-    m = (fabsf(h.lerp_weight) < 0.5f)
-            ? __fadd_rn(m, __fmul_rn(h.lerp_weight, __fsub_rn(g, m)))
-            : __fsub_rn(g, __fmul_rn(__fsub_rn(g, m), __fsub_rn(1.0f, h.lerp_weight)));
-    v = __fadd_rn(__fmul_rn(v, h.beta2_f), __fmul_rn(__fmul_rn(h.one_minus_beta2, g), g));
-    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), bias_correction2_sqrt), h.eps);
-    p = __fadd_rn(p, __fmul_rn(neg_step_size, __fdiv_rn(m, denom)));
+    // torch.lerp's formula
+    m = (abs_of(c.lerp_weight) < opmath_t(0.5))
+            ? add_rn(m, mul_rn(c.lerp_weight, sub_rn(g, m)))
+            : sub_rn(g, mul_rn(sub_rn(g, m), sub_rn(opmath_t(1), c.lerp_weight)));
+    v = add_rn(mul_rn(v, c.beta2), mul_rn(mul_rn(c.one_minus_beta2, g), g));
+    const opmath_t denom = add_rn(div_rn(sqrt_rn(v), bias_correction2_sqrt), c.eps);
+    p = add_rn(p, mul_rn(neg_step_size, div_rn(m, denom)));
     p_ptr[p_off] = static_cast<scalar_t>(p);
     m_ptr[m_off] = static_cast<scalar_t>(m);
     v_ptr[v_off] = static_cast<scalar_t>(v);
@@ -164,11 +193,8 @@ void adam_step_cuda(
   h.lr = host.lr;
   h.beta1 = host.beta1;
   h.beta2 = host.beta2;
-  h.lerp_weight = host.lerp_weight;
-  h.beta2_f = host.beta2_f;
-  h.one_minus_beta2 = host.one_minus_beta2;
-  h.eps = host.eps;
-  h.decay = host.decay;
+  h.f32 = host.f32;
+  h.f64 = host.f64;
   h.apply_decay = host.apply_decay ? 1 : 0;
 
   const c10::Device device = params[0].device();

@@ -182,28 +182,72 @@ def _split_groups(records, fractions, seed, names, groups) -> List[List[Record]]
 
 
 # ---------------------------------------------------------------------------- captioned folder
+def read_jsonl(path) -> List[tuple]:
+    """(line number, row) of every non-blank line of a JSON Lines file. A line that is not a JSON object raises
+    ValueError naming the file and line (json's own error names neither)."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno}); expected "
+                                 f"one JSON object per line, e.g. {{\"file_name\": \"0001.png\", \"text\": "
+                                 f"\"a caption\"}}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object (file_name, caption), got "
+                                 f"{type(row).__name__} {row!r:.60}")
+            rows.append((number, row))
+    return rows
+
+
+def caption_rows(source, numbered_rows, columns: Sequence[str]) -> List[dict]:
+    """The rows of a metadata file, checked to hold every column in `columns` with a non-null value; an error
+    names the file and the line (of the first bad row, with the count of such rows)."""
+    if not numbered_rows:
+        raise ValueError(f"{source}: no rows")
+    first_number, first = numbered_rows[0]
+    for column in columns:
+        if column not in first:  # most likely the whole file lacks it: the column list helps choose
+            raise ValueError(f"{source}:{first_number}: missing column {column!r}; columns found: {list(first)} "
+                             f"(choose the caption column with --caption-column)")
+    for column in columns:
+        missing = [number for number, row in numbered_rows if column not in row]
+        null = [number for number, row in numbered_rows if column in row and row[column] is None]
+        for lines, what in ((missing, "has no"), (null, "has a null (empty) value in")):
+            if lines:
+                # a null caption would train on an empty prompt without anyone noticing
+                raise ValueError(f"{source}:{lines[0]}: row {what} column {column!r}; expected a "
+                                 f"{'caption text' if column != 'file_name' else 'file name'} in every row "
+                                 f"({len(lines)} of {len(numbered_rows)} rows lack one, lines {lines[:5]})")
+    return [row for _, row in numbered_rows]
+
+
 def load_folder_records(data_dir, caption_column: str = "text") -> List[Record]:
-    """A folder with images and `metadata.jsonl` or `metadata.csv` (columns `file_name` + a caption column)."""
+    """A folder with images and `metadata.jsonl` or `metadata.csv` (columns `file_name` + a caption column).
+    Malformed lines and rows without a file name or caption raise ValueError naming the file and line; empty
+    captions are kept (unconditional examples) with one warning giving their count."""
     data_dir = Path(data_dir)
     jsonl, csv_path = data_dir / "metadata.jsonl", data_dir / "metadata.csv"
     if jsonl.is_file():
         source = jsonl
-        rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+        numbered = read_jsonl(jsonl)
     elif csv_path.is_file():
         source = csv_path
         with open(csv_path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)  # short rows get None (restval): reported as null below
+            numbered = [(reader.line_num, row) for row in reader]
     else:
         raise FileNotFoundError(f"{data_dir}: no metadata.jsonl or metadata.csv (expected one, with columns "
                                 f"file_name and {caption_column!r})")
-    if not rows:
-        raise ValueError(f"{source}: no rows")
-    columns = list(rows[0].keys())
-    for column in ("file_name", caption_column):
-        if column not in columns:
-            raise ValueError(f"{source}: missing column {column!r}; columns found: {columns} "
-                             f"(choose the caption column with --caption-column)")
-    return [Record(data_dir / row["file_name"], str(row[caption_column] or "")) for row in rows]
+    rows = caption_rows(source, numbered, ("file_name", caption_column))
+    empty = [number for number, row in numbered if not str(row[caption_column]).strip()]
+    if empty:
+        logger.warning("%s: %d of %d captions are empty (first at line %d); they train as empty prompts",
+                       source, len(empty), len(rows), empty[0])
+    return [Record(data_dir / str(row["file_name"]), str(row[caption_column])) for row in rows]
 
 
 # ---------------------------------------------------------------------------- IU X-Ray

@@ -8,26 +8,32 @@ pipeline's default, 512 px for SD 1.5): pass the training resolution to sample a
 
 Without a `pretrained` folder the base is the tiny pipeline: the one fine-tuning saved in `<run dir>/tiny_pipeline`
 (next to the adapter folder `<run dir>/peft_lora` or `best`) when it is there, else one built from configs with
-`seed`, which matches the adapter's base only if fine-tuning used that `--seed` (a warning says so).
+`seed`, which matches the adapter's base only if fine-tuning used that `--seed` (a warning says so). The adapter
+is a diffusers LoRA (folder or file) or a SeLoRA adapter file, converted to the diffusers layout on load.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from typing import List, Optional, Sequence
+import tempfile
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..data.seeds import seed_mix
 from ..data.tiny_pipeline import build_tiny_pipeline
+from ..integrations.adapter_io import (FORMAT_TAG, PEFT_WEIGHT_NAME, atomic_save_safetensors, peft_lora_metadata,
+                                       read_adapter)
 
 logger = logging.getLogger(__name__)
 
 PAPER_STEPS = 50
 TINY_PIPELINE_DIR = "tiny_pipeline"  # run_finetune saves the tiny base pipeline under <run dir>/tiny_pipeline
 PAPER_GUIDANCE = 7.5
+PIPELINE_PARTS = ("unet", "text_encoder")  # the prefixes the methods give a pipeline's adapted modules
 
 
 def generate_images(pipeline, prompts: Sequence[str], seed: int = 0, num_inference_steps: int = PAPER_STEPS,
@@ -105,14 +111,92 @@ def saved_tiny_pipeline(adapter: Optional[str]) -> Optional[str]:
     return None
 
 
+ADAPTER_EXPECTED = (f"a folder holding {PEFT_WEIGHT_NAME} as a method's export() writes (<run dir>/peft_lora or "
+                    f"<run dir>/best), that file itself, or a SeLoRA adapter file (<run dir>/adapter.safetensors)")
+
+
+def _exports_near(path: str) -> List[str]:
+    """Folders next to (or under) `path` that hold a diffusers LoRA export: what to pass instead."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return [candidate for candidate in (folder, os.path.join(folder, "peft_lora"), os.path.join(folder, "best"))
+            if os.path.isfile(os.path.join(candidate, PEFT_WEIGHT_NAME))]
+
+
+def adapter_kind(adapter: str) -> str:
+    """"selora" for a SeLoRA adapter file (converted on load), "diffusers" for a diffusers LoRA folder or file.
+    Anything else raises FileNotFoundError / ValueError saying what to pass instead."""
+    if not os.path.exists(adapter):
+        raise FileNotFoundError(f"adapter {adapter!r} does not exist; expected {ADAPTER_EXPECTED}")
+    if os.path.isdir(adapter) or not adapter.endswith(".safetensors"):
+        return "diffusers"  # a pickled diffusers LoRA: diffusers reads it
+    try:
+        with safe_open(adapter, framework="pt") as handle:
+            header = handle.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"adapter {adapter}: not a readable safetensors file ({error}); expected "
+                         f"{ADAPTER_EXPECTED}") from None
+    if header.get("format") == FORMAT_TAG:
+        return "selora"
+    if "adapter_method" in header and "lora_adapter_metadata" not in header:
+        # a baseline's save(): raw training tensors whose layout and scale only the method knows
+        near = _exports_near(adapter)
+        raise ValueError(f"adapter {adapter} is the {header['adapter_method']} method's training file (for "
+                         f"resuming), not a diffusers LoRA; pass "
+                         + (near[0] if near else f"the folder its export() wrote ({ADAPTER_EXPECTED})"))
+    return "diffusers"
+
+
+def selora_file_as_diffusers(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """The tensors and header of the diffusers LoRA file that export_peft_lora would write for the SeLoRA adapter
+    file `path` (`<part>.<path>.lora_A/B.weight`, the scale folded into B, per-module ranks in the header)."""
+    tensors, metadata = read_adapter(path)
+    converted, ranks = {}, {}
+    for name, entry in metadata["modules"].items():
+        part, _, module_path = name.partition(".")
+        if part not in PIPELINE_PARTS or not module_path:
+            raise ValueError(f"{path}: module {name!r} is not in a Stable Diffusion pipeline part "
+                             f"{PIPELINE_PARTS}; the adapter was saved from another model")
+        rank = int(entry["rank"])
+        converted[f"{name}.lora_A.weight"] = tensors[f"{name}.lora_A"][:rank].float()
+        converted[f"{name}.lora_B.weight"] = (tensors[f"{name}.lora_B"][:, :rank].double()
+                                              * float(entry["scale"])).float()
+        ranks.setdefault(part, {})[module_path] = rank
+    header = {f"{part}.{key}": value for part, part_ranks in ranks.items()
+              for key, value in peft_lora_metadata(part_ranks).items()}
+    return converted, {"format": "pt", "lora_adapter_metadata": json.dumps(header, indent=2, sort_keys=True)}
+
+
+def load_adapter_into_pipeline(pipe, adapter: str) -> None:
+    """Loads `adapter` (see adapter_kind) into `pipe` with diffusers' load_lora_weights."""
+    kind = adapter_kind(adapter)
+    try:
+        if kind == "selora":
+            tensors, header = selora_file_as_diffusers(adapter)
+            with tempfile.TemporaryDirectory() as folder:  # diffusers reads per-module ranks from a file header
+                atomic_save_safetensors(tensors, os.path.join(folder, PEFT_WEIGHT_NAME), header)
+                pipe.load_lora_weights(folder, weight_name=PEFT_WEIGHT_NAME)
+        elif os.path.isfile(os.path.join(adapter, PEFT_WEIGHT_NAME)):
+            # named: best/ also holds the training file adapter.safetensors
+            pipe.load_lora_weights(adapter, weight_name=PEFT_WEIGHT_NAME)
+        else:
+            pipe.load_lora_weights(adapter)
+    except (OSError, ValueError) as error:  # diffusers: "Invalid LoRA checkpoint", "no file named ..."
+        near = [folder for folder in _exports_near(adapter) if os.path.abspath(folder) != os.path.abspath(adapter)]
+        kind = FileNotFoundError if isinstance(error, OSError) else ValueError  # what the programs report
+        raise kind(f"adapter {adapter}: {error}; " + (f"pass {near[0]}" if near else f"expected {ADAPTER_EXPECTED}")) \
+            from error
+
+
 def load_pipeline_with_adapter(pretrained: Optional[str] = None, adapter: Optional[str] = None,
                                device: str = "cpu", seed: int = 0, dtype=None):
-    """A StableDiffusionPipeline from a local folder with a diffusers-format LoRA (any method's `export`) loaded
-    from `adapter` when given. pretrained None: the tiny pipeline saved next to the adapter by fine-tuning
-    (`saved_tiny_pipeline`), else the tiny pipeline built from configs with `seed` (with a warning: its random
-    weights are the adapter's base only if fine-tuning ran with that seed)."""
+    """A StableDiffusionPipeline from a local folder with an adapter loaded when given: a diffusers-format LoRA
+    (any method's `export`) or a SeLoRA adapter file (see adapter_kind). pretrained None: the tiny pipeline saved
+    next to the adapter by fine-tuning (`saved_tiny_pipeline`), else the tiny pipeline built from configs with
+    `seed` (with a warning: its random weights are the adapter's base only if fine-tuning ran with that seed)."""
     from diffusers import StableDiffusionPipeline  # diffusers: imported when a pipeline is loaded (heavy)
 
+    if adapter is not None:
+        adapter_kind(adapter)  # a wrong adapter path fails before the pipeline is built
     if pretrained is None:
         pretrained = saved_tiny_pipeline(adapter)
         if pretrained is not None:
@@ -134,8 +218,5 @@ def load_pipeline_with_adapter(pretrained: Optional[str] = None, adapter: Option
                                                        requires_safety_checker=False, local_files_only=True,
                                                        **kwargs)
     if adapter is not None:
-        if not os.path.exists(adapter):
-            raise FileNotFoundError(f"adapter {adapter!r} does not exist (expected a folder holding "
-                                    f"pytorch_lora_weights.safetensors, as a method's export() writes)")
-        pipe.load_lora_weights(adapter)
+        load_adapter_into_pipeline(pipe, adapter)
     return pipe.to(device)

@@ -259,11 +259,21 @@ class ExpansionController:
             expand_modules(chosen, optimizer=self.optimizer, seed=seed, reset_optimizer_state=reset_state)
             self.expanded_once.update(m.selora_name for m in chosen)
         self.history.extend(decisions)
-        for d in decisions:
-            if d.expanded:
-                logger.info("step %d: %s FI-Ratio %.4f >= %g: rank %d -> %d", d.step, d.module, d.ratio,
-                            threshold, d.old_rank, d.new_rank)
+        self._log(step, decisions)
         return decisions
+
+    def _log(self, step: int, decisions: List[Decision]) -> None:
+        # one summary line per test on the main process; every module's test at DEBUG
+        for d in decisions:
+            logger.debug("step %d: %s FI-Ratio %.4f (lambda %g): rank %d -> %d", d.step, d.module, d.ratio,
+                         self.config.threshold, d.old_rank, d.new_rank)
+        if is_distributed() and torch.distributed.get_rank() != 0:
+            return
+        grown = sum(d.expanded for d in decisions)
+        finite = [d.ratio for d in decisions if math.isfinite(d.ratio)]
+        logger.info("step %d: SeLoRA expansion test: %d of %d modules grew, total rank %d, max FI-Ratio %s "
+                    "(lambda %g)", step, grown, len(decisions), self.total_rank(),
+                    f"{max(finite):.4f}" if finite else "nan", self.config.threshold)
 
     def _check_optimizer_holds_adapters(self) -> None:
         held = {id(p) for group in unwrap_optimizer(self.optimizer).param_groups for p in group["params"]}

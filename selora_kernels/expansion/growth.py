@@ -10,7 +10,8 @@ import torch
 from ..config import next_capacity
 from ..nn.selora_linear import SeLoRALinear
 from ..ops.capacity import expand_slots_, grow_capacity_
-from ..optim.state_growth import check_supported, reset_state_, state_tensors
+from ..optim.state_growth import (SUPPORTED_OPTIMIZERS, check_supported, optimizers_holding_state,
+                                   reset_state_, state_tensors)
 
 
 def _fresh_seed() -> int:
@@ -18,21 +19,49 @@ def _fresh_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
+def _unpassed_optimizers(modules: Sequence[SeLoRALinear], optimizer) -> list:
+    """Optimizers other than `optimizer` that hold state of these modules' buffers (found through the
+    registry of optim/state_growth.py): their state must grow too, or their next step() fails on the
+    old shape. ValueError, before anything changes, for one whose state layout is unknown."""
+    holders = optimizers_holding_state([p for m in modules for p in (m.lora_A, m.lora_B)], exclude=optimizer)
+    for holder in holders:
+        try:
+            check_supported(holder)
+        except TypeError as error:
+            names = ", ".join(m.selora_name for m in modules
+                              if holder.state.get(m.lora_A) or holder.state.get(m.lora_B))
+            raise ValueError(
+                f"growing {names} past capacity: optimizer {type(holder).__name__} holds state for its adapter "
+                f"parameters of the old shape, which its next step() would fail on, and that state cannot grow "
+                f"with them (supported optimizers: {SUPPORTED_OPTIMIZERS}); train with a supported optimizer "
+                f"(then pass it as optimizer=), or drop its state of these parameters before expanding") from error
+    return holders
+
+
 def grow_modules_(modules: Sequence[SeLoRALinear], new_capacity: int, optimizer=None,
                   backend: str = "auto") -> None:
-    """Grows the capacity of `modules` in place to `new_capacity`: A, B, their .grad and optimizer state."""
-    tensors, dims = [], []
+    """Grows the capacity of `modules` in place to `new_capacity`: A, B, their .grad and optimizer state.
+
+    The state of `optimizer` grows, and so does that of every other optimizer known to hold state of
+    these buffers (torch.optim optimizers that stepped, SeLoRAAdamW after load_state_dict: see
+    optim/state_growth.py), so forgetting optimizer= no longer breaks their next step()."""
+    optimizers = ([optimizer] if optimizer is not None else []) + _unpassed_optimizers(modules, optimizer)
+    tensors, dims, seen = [], [], set()
+
+    def add(tensor, dim):
+        if id(tensor) not in seen:  # once per tensor, even where optimizers share a state tensor
+            seen.add(id(tensor))
+            tensors.append(tensor)
+            dims.append(dim)
+
     for module in modules:
         for param, dim in ((module.lora_A, 0), (module.lora_B, 1)):
-            tensors.append(param)
-            dims.append(dim)
+            add(param, dim)
             if param.grad is not None:
-                tensors.append(param.grad)
-                dims.append(dim)
-            if optimizer is not None:
-                for state_tensor, state_dim in state_tensors(optimizer, param):
-                    tensors.append(state_tensor)
-                    dims.append(state_dim)
+                add(param.grad, dim)
+            for holder in optimizers:
+                for state_tensor, state_dim in state_tensors(holder, param):
+                    add(state_tensor, state_dim)
     grow_capacity_(tensors, dims, new_capacity, backend=backend)
     for module in modules:
         module.reallocated = True
@@ -44,6 +73,8 @@ def expand_modules(modules: Sequence[SeLoRALinear], optimizer=None, seed: Option
     """Expands every module by one slot: trial row adopted as row `rank` of A, zero column of B, next
     trial rows drawn from one generator seeded with `seed` (Kaiming-uniform, in list order).
 
+    optimizer: its state grows with buffers grown past capacity; the state of other optimizers known to
+    hold these buffers grows too (grow_modules_), so a forgotten optimizer= cannot break their next step.
     reset_optimizer_state: zero the whole optimizer state of these modules (the released script's rule).
     """
     modules = list(modules)
@@ -60,6 +91,8 @@ def expand_modules(modules: Sequence[SeLoRALinear], optimizer=None, seed: Option
     for module in modules:
         if module.rank >= module.capacity:
             full[next_capacity(module.capacity)].append(module)
+    if full:  # every check before the first buffer grows
+        _unpassed_optimizers([m for group in full.values() for m in group], optimizer)
     for new_capacity, group in full.items():
         grow_modules_(group, new_capacity, optimizer, backend=backend)
     ranks = [m.rank for m in modules]

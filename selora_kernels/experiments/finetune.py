@@ -75,6 +75,31 @@ class FinetuneOptions:
     threads: Optional[int] = field(default=None, metadata=cli(
         "torch CPU threads (None: 1 for the tiny pipeline on CPU, else torch's choice)"))
 
+    def __post_init__(self):
+        # checked here, not where they fail (a ZeroDivisionError in the step count, a PIL error in a resize):
+        # parse_options reports a ValueError as a usage error naming the flag
+        for name, low, optional in (("epochs", 1, False), ("batch_size", 1, False), ("synthetic_count", 1, False),
+                                    ("max_steps", 1, True), ("log_every", 1, True), ("threads", 1, True),
+                                    ("resolution", 8, True)):
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{option_flag(name)} must be an integer >= {low}, got {value!r}")
+        if self.resolution is not None and self.resolution % 8:
+            # the VAE works on 8x8 patches: Stable Diffusion pipelines take only multiples of 8
+            raise ValueError(f"{option_flag('resolution')} must be a multiple of 8 (e.g. 64, 224, 512), got "
+                             f"{self.resolution}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < float("inf"):
+            raise ValueError(f"{option_flag('lr')} must be a finite number > 0, got {self.lr!r}")
+        if self.dataset != "synthetic" and self.data_dir is None:
+            raise ValueError(f"--dataset {self.dataset} needs --data-dir (the folder holding its files)")
+
+
+def option_flag(name: str) -> str:
+    """The command-line flag of a FinetuneOptions field, as errors name it."""
+    return "--" + name.replace("_", "-")
+
 
 def cpu_threads(options: FinetuneOptions) -> Optional[int]:
     """The tiny pipeline's tensors are too small to share between threads: on 2 busy cores, 2 OpenMP threads

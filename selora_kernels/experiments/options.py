@@ -4,16 +4,33 @@ Each field becomes one flag (`--field-name`) with the field's default, a type fr
 text, choices or flag name given by `cli(...)` in its metadata; a bool field that defaults to True becomes
 `--no-field-name`. A field holding a dataclass (FinetuneOptions.selora: a SeLoRAConfig) contributes the
 sub-fields its `cli(nested=...)` lists. `parse_options` turns the parsed arguments back into the dataclass,
-so programs never copy fields one by one.
+so programs never copy fields one by one. `report_user_errors` runs a program's work and turns a user error
+into `error: <message>` on stderr and exit status 2 (the status argparse uses for usage errors).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
+from ..training.checkpoints import OutputFolderBusy
+
 CLI_KEY = "cli"
+# Errors a user can fix (a path, a file's content, a value): their message says what to change, so a traceback
+# would only bury it. Other exception types keep their traceback.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, OutputFolderBusy)
+USAGE_ERROR_STATUS = 2
+
+
+def report_user_errors(work: Callable[[], int], errors: Tuple[type, ...] = USER_ERRORS) -> int:
+    """`work()`'s exit status; one of `errors` is printed as `error: <message>` on stderr and gives 2."""
+    try:
+        return work()
+    except errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR_STATUS
 
 
 def cli(help: str = "", *, flag: Optional[str] = None, choices: Optional[Sequence] = None,
@@ -112,6 +129,13 @@ def _converted(value, annotation, spec: dict):
     return value
 
 
+def _replaced(instance, changes: dict):
+    """dataclasses.replace without its InitVar pitfall: replace reads every InitVar back from the instance,
+    which fails for an InitVar kept only as an __init__ argument (SeLoRAConfig's old argument names)."""
+    values = {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance) if f.init}
+    return type(instance)(**{**values, **changes})
+
+
 def parse_options(options_cls, argv=None, parser: Optional[argparse.ArgumentParser] = None):
     """The dataclass `options_cls` from the command line `argv` (None: sys.argv[1:]); fields without a flag
     keep their defaults. Errors raised by the dataclass (its validation) are reported as usage errors."""
@@ -128,7 +152,7 @@ def parse_options(options_cls, argv=None, parser: Optional[argparse.ArgumentPars
     try:
         defaults = options_cls()
         for field_name, sub_values in nested.items():
-            top[field_name] = dataclasses.replace(getattr(defaults, field_name), **sub_values)
+            top[field_name] = _replaced(getattr(defaults, field_name), sub_values)
         return options_cls(**top)
     except (TypeError, ValueError) as error:
         parser.error(str(error))

@@ -26,17 +26,24 @@ from .targets import set_submodule
 
 FORMAT_TAG = "selora_adapter"
 FORMAT_VERSION = "1"
+SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION,)  # what read_adapter accepts
+MODULE_ENTRY_KEYS = ("rank", "capacity", "in_features", "out_features", "r_init", "alpha", "scaling")
 PEFT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # The options that decide what an adapter computes: a file saved under other values does not fit.
-CONFIG_KEYS_THAT_MUST_MATCH = ("r_init", "alpha", "scaling", "target_modules", "exclude_modules")
+CONFIG_KEYS_THAT_MUST_MATCH = ("r", "lora_alpha", "scaling", "target_modules", "exclude_modules")
+# files written before the config took peft's argument names
+OLD_CONFIG_KEYS = {"r_init": "r", "alpha": "lora_alpha"}
 
 
 def config_to_dict(config: SeLoRAConfig) -> dict:
-    return dataclasses.asdict(config)
+    values = dataclasses.asdict(config)
+    values["peft_type"] = str(getattr(values["peft_type"], "value", values["peft_type"]))
+    return values
 
 
 def config_from_dict(values: dict) -> SeLoRAConfig:
-    known = {f.name for f in dataclasses.fields(SeLoRAConfig)}
+    values = {OLD_CONFIG_KEYS.get(k, k): v for k, v in values.items()}
+    known = {f.name for f in dataclasses.fields(SeLoRAConfig)} - {"peft_type"}
     return SeLoRAConfig(**{k: v for k, v in values.items() if k in known})
 
 
@@ -99,16 +106,39 @@ def read_adapter(path):
     if raw.get("format") != FORMAT_TAG:
         raise ValueError(f"{path}: not a SeLoRA adapter file (header format={raw.get('format')!r}, expected "
                          f"{FORMAT_TAG!r}); peft/diffusers LoRA files load with pipe.load_lora_weights")
-    metadata = {"format_version": raw.get("format_version"), "modules": json.loads(raw["modules"]),
-                "extra": json.loads(raw.get("extra", "{}")),
-                "selora_config": json.loads(raw["selora_config"]) if "selora_config" in raw else None}
+    version = raw.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        # a newer writer may have changed what the tensors mean: refuse rather than load them wrongly
+        raise ValueError(f"{path}: adapter format_version {version!r} is not supported; this version of "
+                         f"selora_kernels reads format_version {' or '.join(map(repr, SUPPORTED_FORMAT_VERSIONS))}")
+    if "modules" not in raw:
+        raise ValueError(f"{path}: header metadata has no 'modules' entry (the module table, JSON); found keys "
+                         f"{sorted(raw)}")
+    metadata = {"format_version": version, "modules": _header_json(path, raw, "modules", dict),
+                "extra": _header_json(path, raw, "extra", dict) if "extra" in raw else {},
+                "selora_config": (_header_json(path, raw, "selora_config", dict) if "selora_config" in raw
+                                  else None)}
     return tensors, metadata
+
+
+def _header_json(path, raw: dict, key: str, kind: type):
+    """The header entry `key` decoded from JSON; ValueError naming the file and the entry otherwise."""
+    try:
+        value = json.loads(raw[key])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: header metadata {key!r} is not JSON ({error.msg}, column {error.colno}: "
+                         f"{raw[key]!r:.60}); expected a JSON {kind.__name__} as save_adapter writes") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path}: header metadata {key!r} is a JSON {type(value).__name__}, expected a JSON "
+                         f"{kind.__name__} as save_adapter writes")
+    return value
 
 
 def _check_config(path, saved: Optional[dict], config: Optional[SeLoRAConfig]) -> None:
     if saved is None or config is None:
         return
     current = config_to_dict(config)
+    saved = {OLD_CONFIG_KEYS.get(k, k): v for k, v in saved.items()}
     for key in CONFIG_KEYS_THAT_MUST_MATCH:
         if key in saved and _normalise(saved[key]) != _normalise(current[key]):
             raise ValueError(f"{path}: saved with config {key}={saved[key]!r}, but the current config has "
@@ -138,6 +168,12 @@ def load_adapter(path, model_or_modules, config: Optional[SeLoRAConfig] = None) 
                          f"{len(unexpected)} modules of the file are not in the model (e.g. {unexpected[:3]})")
     for name, module in modules.items():
         entry = table[name]
+        absent = [key for key in MODULE_ENTRY_KEYS if not isinstance(entry, dict) or key not in entry]
+        absent += [f"{name}.{key}" for key in ("lora_A", "lora_B", "trial_row") if f"{name}.{key}" not in tensors]
+        if absent:
+            raise ValueError(f"{path}: module {name} lacks {absent} in the file; expected the module table entry "
+                             f"keys {list(MODULE_ENTRY_KEYS)} and tensors lora_A, lora_B, trial_row, as "
+                             f"save_adapter writes")
         expected = (module.in_features, module.out_features)
         if (entry["in_features"], entry["out_features"]) != expected:
             raise ValueError(f"{path}: {name} was saved with (in, out) = "
@@ -186,11 +222,8 @@ def peft_state_dict(model: nn.Module, prefix: Optional[str] = None) -> Dict[str,
     Without prefix it is what diffusers' `save_lora_weights(unet_lora_layers=...)` expects."""
     tensors = {}
     for path, module in _relative_modules(model).items():
-        rank = module.rank
         path = f"{prefix}.{path}" if prefix else path
-        tensors[f"{path}.lora_A.weight"] = module.lora_A[:rank].detach().float().clone()
-        tensors[f"{path}.lora_B.weight"] = (module.lora_B[:, :rank].detach().double()
-                                                     * module.scale).float()
+        tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"] = module.live_factors(torch.float32)
     return tensors
 
 

@@ -2,9 +2,8 @@
 
 `resolve_target_names(model, target_modules, exclude_modules)` is the one place that decides which nn.Linear
 modules are adapted: SeLoRA and every baseline method call it, so all adapt the same layers.
-`inject_selora(model, config)` works on any nn.Module (a diffusers UNet, a transformers text encoder, a toy
-MLP): the resolved nn.Linear submodules are replaced by `SeLoRALinear.from_linear` (sharing the base
-weight), everything else is frozen. Targets (`config.target_modules`):
+SeLoRA's injection (integrations/peft_method.py) replaces the resolved nn.Linear submodules of any nn.Module
+(a diffusers UNet, a transformers text encoder, a toy MLP). Targets (`target_modules`):
 
 - "released_script" (old spelling "reference_code"): the released script's set. Text encoders
   (CLIPText*): every linear; anything else (the UNet): names ending in to_q, to_k, to_v, ff.net.0.proj,
@@ -19,12 +18,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Dict, Iterable, List
+from typing import Iterable, List
 
 from torch import nn
 
-from ..config import TARGET_PRESETS, SeLoRAConfig, canonical_mode
-from ..nn.selora_linear import SeLoRALinear, selora_modules
+from ..config import TARGET_PRESETS, canonical_mode
+from ..nn.selora_linear import selora_modules
 
 PRESETS = TARGET_PRESETS
 RELEASED_SCRIPT_UNET_SUFFIXES = ("to_q", "to_k", "to_v", "ff.net.0.proj", "time_emb_proj")
@@ -67,7 +66,7 @@ def target_predicate(model: nn.Module, target_modules, prefix: str = ""):
     return lambda name: matches_any(name, patterns)
 
 
-def _qualified(prefix: str, name: str) -> str:
+def qualified_name(prefix: str, name: str) -> str:
     return f"{prefix.rstrip('.')}.{name}" if prefix else name
 
 
@@ -83,7 +82,7 @@ def resolve_target_names(model: nn.Module, target_modules="released_script", exc
     for name, module in model.named_modules():
         if type(module) is not nn.Linear:
             continue
-        qualified = _qualified(prefix, name)
+        qualified = qualified_name(prefix, name)
         if not (wanted(name) or wanted(qualified)):
             continue
         if excluded and (matches_any(name, excluded) or matches_any(qualified, excluded)):
@@ -97,47 +96,6 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
-
-
-def inject_selora(model: nn.Module, config: SeLoRAConfig, prefix: str = "",
-                  adapter_dtype=None) -> Dict[str, SeLoRALinear]:
-    """Replaces the targeted nn.Linear submodules of `model` by SeLoRALinear; freezes everything else.
-
-    prefix: prepended to module names (e.g. "unet", "text_encoder") in the returned dict and in each
-    module's `selora_name` (which errors and adapter files use). Returns qualified name -> module.
-    Already-injected SeLoRALinear modules are kept (and returned), so injecting twice is harmless.
-    """
-    if not isinstance(config, SeLoRAConfig):
-        raise TypeError(f"inject_selora needs a SeLoRAConfig, got {type(config).__name__}")
-    targets = set(resolve_target_names(model, config.target_modules, config.exclude_modules, prefix))
-    excluded = list(config.exclude_modules or [])
-    model.requires_grad_(False)
-    injected: Dict[str, SeLoRALinear] = {}
-    linear_names = []
-    for name, module in list(model.named_modules()):
-        qualified = _qualified(prefix, name)
-        if isinstance(module, SeLoRALinear):
-            injected[qualified] = module
-            continue
-        if type(module) is not nn.Linear:
-            continue
-        linear_names.append(name)
-        if name not in targets:
-            continue
-        adapter = SeLoRALinear.from_linear(module, r_init=config.r_init, alpha=config.alpha,
-                                           capacity=config.capacity, scaling=config.scaling,
-                                           adapter_dtype=adapter_dtype, name=qualified)
-        set_submodule(model, name, adapter)
-        injected[qualified] = adapter
-    if not injected:
-        shown = ", ".join(linear_names[:8]) + (", ..." if len(linear_names) > 8 else "")
-        raise ValueError(f"inject_selora({type(model).__name__}{f', prefix={prefix!r}' if prefix else ''}): "
-                         f"target_modules={config.target_modules!r} (exclude={excluded!r}) matched none of its "
-                         f"{len(linear_names)} nn.Linear modules; some of them: [{shown}]")
-    for module in injected.values():
-        module.lora_A.requires_grad_(True)
-        module.lora_B.requires_grad_(True)
-    return injected
 
 
 def live_parameter_count(modules) -> int:

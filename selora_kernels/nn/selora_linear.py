@@ -32,45 +32,46 @@ class SeLoRALinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r_init: int = 1,
                  alpha: float = 8.0, capacity: Optional[int] = None, scaling: str = "fixed_init",
-                 device=None, dtype=None, adapter_dtype=None):
+                 device=None, dtype=None, adapter_dtype=None, init_lora_weights=True):
         super().__init__()
         for label, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be a positive int, got {value!r}")
         capacity = validate_adapter_options(r_init, alpha, capacity, scaling)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_from_base(base.weight, base.bias, r_init, float(alpha), capacity, scaling, adapter_dtype)
+        self._init_from_base(base, r_init, float(alpha), capacity, scaling, adapter_dtype, init_lora_weights)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, *, r_init: int = 1, alpha: float = 8.0,
                     capacity: Optional[int] = None, scaling: str = "fixed_init", adapter_dtype=None,
-                    name: Optional[str] = None) -> "SeLoRALinear":
-        """Wraps an existing nn.Linear, sharing (and freezing) its weight and bias."""
+                    name: Optional[str] = None, init_lora_weights=True) -> "SeLoRALinear":
+        """Wraps an existing nn.Linear (kept as `base_layer`, frozen)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SeLoRALinear.from_linear needs an nn.Linear base"
                             f"{f' for {name}' if name else ''}, got {type(linear).__name__}")
         capacity = validate_adapter_options(r_init, alpha, capacity, scaling)
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module._init_from_base(linear.weight, linear.bias, r_init, float(alpha), capacity, scaling,
-                               adapter_dtype)
+        module._init_from_base(linear, r_init, float(alpha), capacity, scaling, adapter_dtype, init_lora_weights)
         if name is not None:
             module.selora_name = name
         return module
 
-    def _init_from_base(self, weight, bias, r_init, alpha, capacity, scaling, adapter_dtype):
+    def _init_from_base(self, base: nn.Linear, r_init, alpha, capacity, scaling, adapter_dtype,
+                        init_lora_weights=True):
+        if init_lora_weights not in (True, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True (Kaiming-uniform rows of A) or 'gaussian', "
+                             f"got {init_lora_weights!r}")
+        weight = base.weight
         out_features, in_features = weight.shape
         self.in_features, self.out_features = in_features, out_features
         self.r_init, self.alpha, self.scaling = r_init, alpha, scaling
         self.scale = alpha / r_init
         self.selora_name = f"SeLoRALinear({in_features}->{out_features})"
-        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
-        self.weight.requires_grad_(False)
-        if bias is not None:
-            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
-            self.bias.requires_grad_(False)
-        else:
-            self.register_parameter("bias", None)
+        # the frozen base stays an nn.Linear under `base_layer` (peft's layout: state-dict keys
+        # <name>.base_layer.weight, and unloading gives the original module back)
+        base.requires_grad_(False)
+        self.base_layer = base
         factory = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
         self.lora_A = nn.Parameter(torch.zeros(capacity, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, capacity, **factory))
@@ -82,12 +83,24 @@ class SeLoRALinear(nn.Module):
         # (expansion.distributed averages them instead)
         self.reallocated = False
         self._fisher_probe: Optional[torch.Tensor] = None
+        self._measured_task = None  # the backward (graph task) that last reached this module while measuring
         self._per_sample_reduction = "mean"
         bound = kaiming_uniform_bound(in_features)
         with torch.no_grad():
-            self.lora_A[:r_init].uniform_(-bound, bound)
+            if init_lora_weights == "gaussian":  # peft's "gaussian": N(0, 1/r)
+                self.lora_A[:r_init].normal_(0.0, 1.0 / r_init)
+            else:
+                self.lora_A[:r_init].uniform_(-bound, bound)
             self.trial_row.uniform_(-bound, bound)
         self._tag_adapter_parameters()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
 
     def _tag_adapter_parameters(self):
         register_adapter_parameter(self.lora_A, self, 0)
@@ -141,8 +154,16 @@ class SeLoRALinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.selora_name}: expected input of shape (..., {self.in_features}), "
                              f"got {tuple(x.shape)}")
+        if x.device != self.weight.device:
+            raise RuntimeError(f"{self.selora_name}: input is on {x.device}, the module on {self.weight.device}; "
+                               f"move one of them (model.to(device) or x.to(device))")
         dtype = self._compute_dtype(x)
+        if self.trial_row.dtype != self.lora_A.dtype:  # A was cast alone (diffusers' cast_training_params)
+            self.trial_row = self.trial_row.to(self.lora_A.dtype)
         num_samples = x.shape[0] if x.dim() > 1 else 1
+        if self._fisher_probe is not None and num_samples == 0 and torch.is_grad_enabled():
+            raise ValueError(f"{self.selora_name}: an empty batch (input shape {tuple(x.shape)}) while measuring "
+                             f"Fisher; per-sample Fisher needs at least 1 sample per batch")
         probe = self._fisher_probe
         if probe is not None and torch.is_grad_enabled():
             # Non-finite inputs are counted by the backward (FISHER_COL_NONFINITE) and raised when the
@@ -155,7 +176,21 @@ class SeLoRALinear(nn.Module):
         y = SeLoRALinearFunction.apply(flat, cast(self.weight, dtype), bias, cast(self.lora_A, dtype),
                                        cast(self.lora_B, dtype), cast(self.trial_row, dtype), self.live_rank,
                                        probe, self.scale, num_samples, multiplier, probe is not None)
+        if probe is not None and not torch.compiler.is_compiling():  # a hook would break the compiled graph
+            y.register_hook(self._check_single_use)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _check_single_use(self, grad: torch.Tensor) -> None:
+        # Per-sample Fisher squares each sample's gradient of this module; a module applied twice to one sample
+        # would get the sum of per-use squares, not the square of the summed gradient. A gradient-checkpointing
+        # recompute builds no second graph node, so this counts real uses only.
+        task = torch._C._current_graph_task_id()
+        if task != -1 and task == self._measured_task:
+            raise RuntimeError(f"{self.selora_name} was applied more than once in one forward while measuring "
+                               f"Fisher: per-sample Fisher needs each sample to pass through a module once. "
+                               f"Exclude it from the adapted modules (exclude_modules) or give each use its own "
+                               f"module")
+        self._measured_task = task
 
     # ---------------------------------------------------------------- Fisher
     def start_measuring(self, reduction: str = "mean") -> None:
@@ -167,6 +202,7 @@ class SeLoRALinear(nn.Module):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self._per_sample_reduction = reduction
+        self._measured_task = None
         self._fisher_probe = torch.zeros(statistics_shape(self.capacity), device=self.lora_A.device,
                                          dtype=fisher_dtype(self.lora_A.dtype), requires_grad=True)
 
@@ -201,6 +237,14 @@ class SeLoRALinear(nn.Module):
         return fi_scores(live, trial, samples)
 
     # ---------------------------------------------------------------- merging
+    def live_factors(self, dtype: Optional[torch.dtype] = None):
+        """(A[:r], s B[:, :r]) in `dtype` (default the adapter's): the module as a plain LoRA of rank r and
+        scale 1 (what peft/diffusers LoRA files hold; s is multiplied in float64, so a power-of-two s folds
+        exactly)."""
+        r, dtype = self.rank, dtype or self.lora_B.dtype
+        lora_b = (self.lora_B[:, :r].detach().double() * self.scale).to(dtype)
+        return self.lora_A[:r].detach().to(dtype, copy=True), lora_b
+
     def merged_weight(self) -> torch.Tensor:
         """W0 + s B A over the live slots, in the base dtype (for merging into the base for inference)."""
         r = self.rank
@@ -235,9 +279,11 @@ class SeLoRALinear(nn.Module):
         self.scale = self.alpha / (self._rank if self.scaling == "alpha_over_r" else self.r_init)
 
     def _reallocate_capacity(self, capacity: int) -> None:
+        # set_ (as growth does), not .data =: autograd's gradient accumulator of a Parameter that
+        # DistributedDataParallel holds keeps the shape it saw, unless the tensor itself is reset
         with torch.no_grad():
-            self.lora_A.data = self.lora_A.new_zeros(capacity, self.in_features)
-            self.lora_B.data = self.lora_B.new_zeros(self.out_features, capacity)
+            self.lora_A.set_(self.lora_A.new_zeros(capacity, self.in_features))
+            self.lora_B.set_(self.lora_B.new_zeros(self.out_features, capacity))
         self.lora_A.grad = self.lora_B.grad = None  # of the old shape (load before building the optimizer)
         self._fisher_probe = None
         self.reallocated = True

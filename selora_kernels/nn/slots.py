@@ -33,3 +33,9 @@ def live_rank_of(param: torch.Tensor) -> torch.Tensor:
     if owner is None:
         raise RuntimeError("no live SeLoRA module owns this parameter")
     return owner.live_rank
+
+
+def owner_of(param: torch.Tensor):
+    """The live module that registered `param` as a capacity buffer, or None."""
+    entry = _ADAPTERS.get(param)
+    return entry[0]() if entry is not None else None

@@ -210,11 +210,13 @@ def _adam_step_fallback(params, grads, exp_avgs, exp_avg_sqs, slot_steps, live_r
                         lr, beta1, beta2, eps, weight_decay) -> None:
     """Masked whole-buffer update: the live-slot mask is computed on the device (no sync); dead slots
     are written back with their own values, bit-unchanged. Same op sequence as torch.optim.AdamW
-    (single_tensor), with the bias corrections per slot in float64 like AdamW's Python scalars."""
+    (single_tensor), with the bias corrections per slot in float64 like AdamW's Python scalars.
+    Arithmetic in float32, or float64 for float64 buffers (float32 would round them even at lr = 0)."""
     for param, grad, exp_avg, exp_avg_sq, steps, live_rank, slot_dim in zip(
             params, grads, exp_avgs, exp_avg_sqs, slot_steps, live_ranks, slot_dims):
         if grad is None:
             continue
+        compute = torch.float64 if param.dtype == torch.float64 else torch.float32
         capacity = param.size(slot_dim)
         live = torch.arange(capacity, device=steps.device) < live_rank.clamp(0, capacity)
         steps.copy_(torch.where(live, steps + 1, steps))
@@ -222,16 +224,16 @@ def _adam_step_fallback(params, grads, exp_avgs, exp_avg_sqs, slot_steps, live_r
         bias_correction1 = 1 - beta1 ** step
         bias_correction2 = 1 - beta2 ** step
         slot_shape = (-1, 1) if slot_dim == 0 else (1, -1)
-        neg_step_size = (-(lr / bias_correction1)).float().view(slot_shape)
-        bias_correction2_sqrt = bias_correction2.sqrt().float().view(slot_shape)
+        neg_step_size = (-(lr / bias_correction1)).to(compute).view(slot_shape)
+        bias_correction2_sqrt = bias_correction2.sqrt().to(compute).view(slot_shape)
         mask = live.view(slot_shape)
 
-        p = param.float()
-        g = grad.float()
+        p = param.to(compute)
+        g = grad.to(compute)
         if weight_decay != 0:
             p = p * (1 - lr * weight_decay)
-        m = exp_avg.float().lerp(g, 1 - beta1)
-        v = torch.addcmul(exp_avg_sq.float() * beta2, g, g, value=1 - beta2)
+        m = exp_avg.to(compute).lerp(g, 1 - beta1)
+        v = torch.addcmul(exp_avg_sq.to(compute) * beta2, g, g, value=1 - beta2)
         denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
         p = p + neg_step_size * (m / denom)
         param.copy_(torch.where(mask, p.to(param.dtype), param))
@@ -251,7 +253,8 @@ def adam_step_(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Te
     k < live_ranks[i] (read on the device); for such a slot, with t = ++slot_steps[i][k]:
     p *= 1 - lr*wd; m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g^2;
     p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps). Entries whose grad is None are
-    skipped. Compute in fp32 for fp16/bf16 buffers (moments have the param's dtype).
+    skipped. Compute in fp32 for fp32/fp16/bf16 buffers, in fp64 for fp64 buffers (moments have the
+    param's dtype).
     """
     params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
     slot_steps, live_ranks, slot_dims = list(slot_steps), list(live_ranks), [int(d) for d in slot_dims]

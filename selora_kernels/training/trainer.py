@@ -13,6 +13,7 @@ import csv
 import logging
 import math
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -24,8 +25,9 @@ from tqdm.auto import tqdm
 from ..data.seeds import seed_mix
 from ..methods.base import AdapterMethod
 from ..optim.state_growth import unwrap_optimizer
-from .checkpoints import (ADAPTER_FILE, CHECKPOINT_DIR, checkpoint_name, load_checkpoint, move_previous_run_aside,
-                          resolve_checkpoint, restore_training_state, save_checkpoint)
+from .checkpoints import (ADAPTER_FILE, CHECKPOINT_DIR, checkpoint_name, load_checkpoint, lock_output_dir,
+                          move_previous_run_aside, remove_stale_temp_files, resolve_checkpoint,
+                          restore_training_state, save_checkpoint, unlock_output_dir)
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +77,24 @@ class Trainer:
     def __init__(self, pipe, method: AdapterMethod, train_dataset, validation_dataset, options: TrainOptions):
         # accelerate / diffusers: imported when a trainer is built, not by everything that imports training/
         from accelerate import Accelerator
-        from diffusers import DDPMScheduler
 
         self.options = options
         self.output_dir = Path(options.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         precision = "no" if options.mixed_precision == "fp32" else options.mixed_precision
         self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        self._lock_finalizer = None
+        try:
+            self._take_output_folder()
+            self._setup(pipe, method, train_dataset, validation_dataset)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, pipe, method, train_dataset, validation_dataset) -> None:
+        from diffusers import DDPMScheduler  # heavy: imported when a run is set up
+
+        options = self.options
         self.pipe, self.method = pipe, method
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.vae, self.unet, self.text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
@@ -94,7 +107,9 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()  # the log's peak memory is this run's, not the process's
         self.resume_state = None
         if options.resume:
-            self.resume_state = load_checkpoint(resolve_checkpoint(options.resume), method, options)
+            # the main process verifies (and warns once); the others load what it chose
+            folder = Path(self._on_main(lambda: str(resolve_checkpoint(options.resume))))
+            self.resume_state = load_checkpoint(folder, method, options, verify=False)
         self.optimizer = method.make_optimizer(options.lr)
         device = self.accelerator.device
         self.vae.to(device)
@@ -113,6 +128,44 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter  # tensorboard: only when its log is wanted
 
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    # ------------------------------------------------------------------ output folder
+    def _on_main(self, work):
+        """work() on the main process; its result (or its error, raised on every process, so none waits
+        forever at the next barrier) on all of them."""
+        result, error = None, None
+        if self.accelerator.is_main_process:
+            try:
+                result = work()
+            except Exception as caught:
+                error = caught
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list  # only multi-process runs need it
+
+            shared = broadcast_object_list([result, None if error is None else f"{type(error).__name__}: {error}"])
+            if error is None and shared[1] is not None:
+                raise RuntimeError(f"the main process failed: {shared[1]}")
+            result = shared[0]
+        if error is not None:
+            raise error
+        return result
+
+    def _take_output_folder(self) -> None:
+        """One run per output folder (the main process holds <output>/.lock until close() or its exit, a crash
+        included); then the temp files of checkpoint writes that were killed go."""
+        def take():
+            key = lock_output_dir(self.output_dir)
+            # also released when a trainer that was never closed is collected
+            self._lock_finalizer = weakref.finalize(self, unlock_output_dir, key)
+            remove_stale_temp_files(self.output_dir)
+
+        self._on_main(take)
+
+    def close(self) -> None:
+        """Releases the output folder (idempotent; a process that ends releases it anyway)."""
+        if self._lock_finalizer is not None:
+            self._lock_finalizer()  # calls unlock_output_dir once
+        self._lock_finalizer = None
 
     def _move_previous_run_aside(self) -> None:
         if self.accelerator.is_main_process:
@@ -195,6 +248,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
+        """Runs to the end. A failure releases the output folder; after a success it stays held (the caller
+        writes its reports there) until close(), the trainer is collected or the process ends."""
+        try:
+            return self._train()
+        except BaseException:
+            self.close()
+            raise
+
+    def _train(self) -> TrainResult:
         options = self.options
         run_steps = total_steps(options.epochs, len(self.train_dataset), options.batch_size, options.max_steps)
         self._trim_logs(self.step)

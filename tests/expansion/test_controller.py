@@ -13,7 +13,7 @@ from torch import nn
 from selora_kernels import SeLoRAAdamW, SeLoRAConfig
 from selora_kernels.expansion.controller import ExpansionController
 from selora_kernels.expansion.fisher import batched_fisher_scores
-from selora_kernels.integrations.targets import inject_selora
+from selora_kernels.integrations.peft_method import inject_selora
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

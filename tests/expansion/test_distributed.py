@@ -13,7 +13,7 @@ from torch import nn
 from selora_kernels import SeLoRAAdamW, SeLoRAConfig
 from selora_kernels.expansion.controller import ExpansionController
 from selora_kernels.expansion.distributed import broadcast_adapters_, check_same_ranks
-from selora_kernels.integrations.targets import inject_selora
+from selora_kernels.integrations.peft_method import inject_selora
 
 WORLD = 2
 

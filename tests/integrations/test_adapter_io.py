@@ -11,7 +11,7 @@ from selora_kernels import SeLoRAConfig, expand_modules, selora_modules
 from selora_kernels.integrations import adapter_io
 from selora_kernels.integrations.adapter_io import (export_peft_lora, load_adapter, merge_selora, read_adapter,
                                                     save_adapter)
-from selora_kernels.integrations.targets import inject_selora
+from selora_kernels.integrations.peft_method import inject_selora
 
 CONFIG = SeLoRAConfig(target_modules="all_linear", capacity=3)
 

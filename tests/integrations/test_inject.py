@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from selora_kernels import SeLoRAConfig, SeLoRALinear, selora_modules
-from selora_kernels.integrations.targets import inject_selora, live_parameter_count
+from selora_kernels.integrations.peft_method import inject_selora
+from selora_kernels.integrations.targets import live_parameter_count
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,

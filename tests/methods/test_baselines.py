@@ -66,7 +66,7 @@ def linear_shapes(model, names):
 # ------------------------------------------------------------------------------------------------ targets / counts
 def test_targets_are_selora_targets(tiny_pipe):
     from selora_kernels.config import SeLoRAConfig
-    from selora_kernels.integrations.targets import inject_selora
+    from selora_kernels.integrations.peft_method import inject_selora
 
     unet, text_encoder = fresh_parts(tiny_pipe)
     method = LoRAMethod()

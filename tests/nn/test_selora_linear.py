@@ -127,3 +127,36 @@ def test_merged_linear_matches_adapter():
     fill_live_slots(module, 3, gen)
     x = torch.randn(5, 9, generator=gen)
     torch.testing.assert_close(module.to_linear()(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+def test_module_applied_twice_while_measuring_raises_naming_it():
+    """Two uses of one module per sample would give per-use Fisher (and count samples twice): an error, not
+    a silently different number. Not measuring, the same model trains normally."""
+    torch.manual_seed(0)
+    layer = SeLoRALinear(8, 8, r_init=1)
+    layer.selora_name = "block.shared"
+    x = torch.randn(4, 8)
+    layer(layer(x)).sum().backward()  # not measuring: fine
+    layer.start_measuring()
+    with pytest.raises(RuntimeError, match=r"block\.shared was applied more than once"):
+        layer(layer(x)).sum().backward()
+
+
+def test_gradient_checkpointing_is_one_use_and_keeps_the_fisher():
+    torch.manual_seed(0)
+    layer = SeLoRALinear(8, 8, r_init=2)
+    with torch.no_grad():
+        layer.lora_B[:, :2].normal_()
+    x = torch.randn(4, 3, 8)
+    results = []
+    for checkpointed in (False, True):
+        layer.start_measuring()
+        for micro_batch in (x[:2], x[2:]):  # two backward passes of one window: two graph tasks
+            y = (torch.utils.checkpoint.checkpoint(layer, micro_batch, use_reentrant=False) if checkpointed
+                 else layer(micro_batch))
+            y.square().sum().backward()
+        results.append(layer.fisher_statistics())
+        layer.stop_measuring()
+        layer.zero_grad()
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=0)
+    assert float(results[0].abs().sum()) > 0
