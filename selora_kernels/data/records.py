@@ -1,4 +1,5 @@
-"""Image-caption records and their preprocessing: a captioned image folder, IU X-Ray, Montgomery County CXR.
+"""Image-caption records and their preprocessing: a captioned image folder, IU X-Ray, Montgomery County CXR,
+PatchGastricADC22.
 
 Every loader returns records (image source, caption); `ImageCaptionDataset` preprocesses them the way the
 paper does: short side resized to the resolution (224 or 384 in the paper), centre crop, RGB in [-1, 1],
@@ -337,3 +338,71 @@ def load_montgomery_records(data_dir) -> List[Record]:
         raise ValueError(f"Montgomery: no image with a clinical reading under {root} (expected CXR_png/*.png "
                          f"and ClinicalReadings/*.txt)")
     return records
+
+
+# ---------------------------------------------------------------------------- PatchGastricADC22
+# The paper's five subclasses (appendix C.2), 1,000 patches each; matched to captions.csv's `subtype` column
+# ignoring case and punctuation.
+PATCH_GASTRIC_SUBTYPES = (
+    "moderately differentiated tubular adenocarcinoma",
+    "well differentiated tubular adenocarcinoma",
+    "moderately to poorly differentiated adenocarcinoma",
+    "poorly differentiated adenocarcinoma, solid type",
+    "poorly differentiated adenocarcinoma, non-solid type",
+)
+PATCH_GASTRIC_PER_SUBTYPE = 1000
+PATCH_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _subtype_key(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def load_patch_gastric_records(data_dir, subtypes: Sequence[str] = PATCH_GASTRIC_SUBTYPES,
+                               per_subtype: int = PATCH_GASTRIC_PER_SUBTYPE, seed: int = 0,
+                               return_slides: bool = False):
+    """PatchGastricADC22: captions.csv (`id,subtype,text`: one row per whole-slide image) and
+    patches_captions/{id}_{hash}.jpg (every patch of a slide shares its caption). `per_subtype` patches of each
+    subtype drawn at random (seeded; all of them when fewer, with a warning), the slide's caption as the
+    prompt. return_slides: (records, the slide id of each record), to split by slide (`load_split_records`)."""
+    root = Path(data_dir)
+    captions_path = root / "captions.csv"
+    if not captions_path.is_file():
+        raise FileNotFoundError(f"PatchGastricADC22: {captions_path} not found (expected captions.csv with columns "
+                                f"id, subtype, text and a patches_captions/ folder in {root})")
+    with open(captions_path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    missing = [c for c in ("id", "subtype", "text") if rows and c not in rows[0]]
+    if not rows or missing:
+        raise ValueError(f"PatchGastricADC22: {captions_path} lacks columns {missing or ['id', 'subtype', 'text']}"
+                         f"; found {list(rows[0]) if rows else 'no rows'}")
+    patch_dir = _find_dir(root, ("patches_captions", "patches"))
+    patches = {}
+    for path in sorted(patch_dir.iterdir()):
+        if path.suffix.lower() in PATCH_SUFFIXES:
+            patches.setdefault(path.stem.rpartition("_")[0], []).append(path)
+    wanted = {_subtype_key(s): s for s in subtypes}
+    by_subtype = {key: [] for key in wanted}
+    for line, row in enumerate(rows, start=2):
+        key = _subtype_key(row["subtype"] or "")
+        text = (row["text"] or "").strip()
+        if key not in by_subtype:
+            continue
+        if not text:
+            raise ValueError(f"PatchGastricADC22: {captions_path}:{line}: slide {row['id']!r} has no caption")
+        by_subtype[key].extend((path, text, row["id"]) for path in patches.get(row["id"], []))
+    empty = [wanted[k] for k, items in by_subtype.items() if not items]
+    if empty:
+        found = sorted({row["subtype"] for row in rows})
+        raise ValueError(f"PatchGastricADC22: no patches of subtypes {empty} under {patch_dir}; captions.csv has "
+                         f"subtypes {found[:8]}")
+    records, slides = [], []
+    for index, (key, items) in enumerate(by_subtype.items()):
+        if len(items) < per_subtype:
+            logger.warning("PatchGastricADC22: %s has %d patches (< %d): all used", wanted[key], len(items),
+                           per_subtype)
+        chosen = random.Random(seed * 1_000_003 + index).sample(items, min(per_subtype, len(items)))
+        for path, text, slide in sorted(chosen, key=lambda item: str(item[0])):
+            records.append(Record(path, text))
+            slides.append(slide)
+    return (records, slides) if return_slides else records

@@ -36,6 +36,7 @@ from ..methods import METHODS
 from ..training.trainer import total_steps as run_total_steps
 from .finetune import FinetuneOptions, run_finetune
 from .options import cli
+from .presets import PAPER_PRESETS, apply_preset
 
 KNOWN_METHODS = tuple(METHODS)
 
@@ -49,6 +50,9 @@ def comma_list(text) -> tuple:
 
 @dataclass
 class CompareOptions:
+    preset: Optional[str] = field(default=None, metadata=cli(
+        "one of the paper's comparisons (sets dataset, resolution, epochs, batch size, methods)",
+        choices=tuple(PAPER_PRESETS)))
     output_dir: str = "runs/compare"
     methods: Sequence[str] = field(default=KNOWN_METHODS, metadata=cli(
         "comma-separated subset of " + ",".join(KNOWN_METHODS), type=comma_list))
@@ -85,6 +89,8 @@ class CompareOptions:
     extra_finetune: Dict[str, object] = field(default_factory=dict, metadata=cli(hidden=True))
 
     def __post_init__(self):
+        if self.preset is not None:
+            apply_preset(self, CompareOptions(), self.preset)
         unknown = [m for m in self.methods if m not in KNOWN_METHODS]
         if unknown or not self.methods:
             raise ValueError(f"--methods: unknown {unknown}; choose from {KNOWN_METHODS}")
