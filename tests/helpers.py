@@ -51,3 +51,39 @@ def show_past_capture(request, message: str) -> None:
         return
     with capture.global_and_fixture_disabled():
         print("\n" + message.strip(), flush=True)
+
+
+def small_run(folder, out, interval: int, **overrides):
+    """FinetuneOptions of a small run: 8 synthetic images -> 6 train, batch 2 -> 3 steps an epoch; SeLoRA
+    tests every `interval` steps."""
+    from selora_kernels.config import SeLoRAConfig
+    from selora_kernels.experiments.finetune import FinetuneOptions  # heavy: only the training tests need it
+
+    values = dict(output_dir=str(out), pretrained=str(folder), dataset="synthetic", synthetic_count=8,
+                  resolution=32, epochs=2, batch_size=2, selora=SeLoRAConfig(interval=interval, threshold=1.0),
+                  seed=0, progress=False)
+    values.update(overrides)
+    return FinetuneOptions(**values)
+
+
+def write_iu_xray(root, n_reports=30, images_per_report=2, write_image=None):
+    """A fake IU X-Ray folder: every report has `images_per_report` frontal images (and one lateral);
+    write_image(path, index): also write the frontal image files."""
+    import csv
+
+    images = root / "images" / "images_normalized"
+    images.mkdir(parents=True)
+    with open(root / "indiana_reports.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["uid", "MeSH", "findings", "impression"])
+        writer.writerows([str(u), "x", f"findings of report {u}", "ok"] for u in range(n_reports))
+    with open(root / "indiana_projections.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["uid", "filename", "projection"])
+        for u in range(n_reports):
+            writer.writerows([str(u), f"{u}_f{k}.png", "Frontal"] for k in range(images_per_report))
+            writer.writerow([str(u), f"{u}_l.png", "Lateral"])
+    if write_image is not None:
+        for u in range(n_reports):
+            for k in range(images_per_report):
+                write_image(images / f"{u}_f{k}.png", u * images_per_report + k)

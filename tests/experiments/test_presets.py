@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import write_iu_xray
 from python import compare as compare_program
 from selora_kernels.data.datasets import load_split_records
 from selora_kernels.data.records import PATCH_GASTRIC_SUBTYPES, load_patch_gastric_records
@@ -22,19 +23,8 @@ def write_image(path, seed):
     Image.fromarray(pixels).save(path)
 
 
-def write_iu_xray(root, reports=50):
-    images = root / "images" / "images_normalized"
-    images.mkdir(parents=True)
-    with open(root / "indiana_reports.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["uid", "MeSH", "findings", "impression"])
-        writer.writerows([str(u), "x", f"findings of report {u}", "ok"] for u in range(reports))
-    with open(root / "indiana_projections.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["uid", "filename", "projection"])
-        writer.writerows([str(u), f"{u}_f.png", "Frontal"] for u in range(reports))
-    for u in range(reports):
-        write_image(images / f"{u}_f.png", u)
+def write_iu_xray_images(root, reports=50):
+    write_iu_xray(root, n_reports=reports, images_per_report=1, write_image=write_image)
 
 
 def write_montgomery(root, count=10):
@@ -88,12 +78,12 @@ def test_patch_gastric_loader_names_what_is_missing(tmp_path):
 
 
 def test_iu_xray_384_protocol_splits_70_10_20_by_report(tmp_path):
-    write_iu_xray(tmp_path, reports=30)
+    write_iu_xray_images(tmp_path, reports=30)
     splits = load_split_records("iu_xray_384", tmp_path)
     assert [len(s) for s in splits] == [21, 3, 6]
 
 
-WRITERS = {"iu_xray": write_iu_xray, "iu_xray_384": write_iu_xray, "montgomery": write_montgomery,
+WRITERS = {"iu_xray": write_iu_xray_images, "iu_xray_384": write_iu_xray_images, "montgomery": write_montgomery,
            "patch_gastric": write_patch_gastric}
 
 

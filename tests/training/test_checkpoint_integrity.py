@@ -17,9 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from selora_kernels.config import SeLoRAConfig
-from selora_kernels.data.tiny_pipeline import build_tiny_pipeline
-from selora_kernels.experiments.finetune import FinetuneOptions, run_finetune
+from helpers import small_run
+from selora_kernels.experiments.finetune import run_finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,20 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 STEP2, STEP4 = "step-0000002", "step-0000004"
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_pipeline")
-    build_tiny_pipeline(folder, seed=0)
-    return folder
-
-
-def options(folder, out, **overrides):
-    # 8 synthetic images -> 6 train, batch 2 -> 3 steps an epoch; a checkpoint every 2 steps, 2 kept
-    values = dict(output_dir=str(out), pretrained=str(folder), dataset="synthetic", synthetic_count=8,
-                  resolution=32, epochs=2, batch_size=2, selora=SeLoRAConfig(interval=2, threshold=1.0), seed=0,
-                  progress=False)
-    values.update(overrides)
-    return FinetuneOptions(**values)
+def options(folder, out, **overrides):  # a checkpoint every 2 steps, 2 kept
+    return small_run(folder, out, 2, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -8,28 +8,15 @@ import json
 import pytest
 import torch
 
-from selora_kernels.config import SeLoRAConfig
-from selora_kernels.data.tiny_pipeline import build_tiny_pipeline
-from selora_kernels.experiments.finetune import FinetuneOptions, run_finetune
+from helpers import small_run
+from selora_kernels.experiments.finetune import run_finetune
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_pipeline")
-    build_tiny_pipeline(folder, seed=0)
-    return folder
-
-
 def options(folder, out, **overrides):
-    # 8 synthetic images -> 6 train, batch 2 -> 3 steps an epoch
-    values = dict(output_dir=str(out), pretrained=str(folder), dataset="synthetic", synthetic_count=8,
-                  resolution=32, epochs=2, batch_size=2, selora=SeLoRAConfig(interval=3, threshold=1.0), seed=0,
-                  progress=False)
-    values.update(overrides)
-    return FinetuneOptions(**values)
+    return small_run(folder, out, 3, **overrides)
 
 
 def test_epoch_end_checkpoint_holds_that_epochs_validation(tiny_folder, tmp_path):

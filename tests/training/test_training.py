@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import write_iu_xray
 from selora_kernels.config import SeLoRAConfig
 from selora_kernels.data import records as data_mod
 from selora_kernels.data.datasets import build_datasets, load_split_records
@@ -200,22 +201,6 @@ def test_crash_during_checkpoint_keeps_the_previous_one(tiny, tmp_path, monkeypa
 
 
 # ---------------------------------------------------------------------------- data: review fixes
-def write_iu_xray(root, n_reports=30, images_per_report=2):
-    """A fake IU X-Ray folder: every report has `images_per_report` frontal images (and one lateral)."""
-    images = root / "images" / "images_normalized"
-    images.mkdir(parents=True)
-    with open(root / "indiana_reports.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["uid", "MeSH", "findings", "impression"])
-        writer.writerows([str(u), "x", f"findings of report {u}", "ok"] for u in range(n_reports))
-    with open(root / "indiana_projections.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["uid", "filename", "projection"])
-        for u in range(n_reports):
-            writer.writerows([str(u), f"{u}_f{k}.png", "Frontal"] for k in range(images_per_report))
-            writer.writerow([str(u), f"{u}_l.png", "Lateral"])
-
-
 def test_iu_xray_splits_by_report_not_by_image(tmp_path):
     write_iu_xray(tmp_path)
     splits = load_split_records("iu_xray", tmp_path)
