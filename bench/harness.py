@@ -237,6 +237,53 @@ class BenchHarness:
             results[name] = self._summary(values, 1, "cuda events, single calls")
         return results
 
+    def measure_paired(self, candidate: Callable[[], object], baseline: Callable[[], object], device: str, *,
+                       rounds: int = 21) -> Dict[str, list]:
+        """Per-round times (ms) of two providers run back to back in each round (order alternated), for a
+        paired statistic of their difference: load that hits a round hits both of its samples."""
+        if self.quick:
+            rounds = max(5, rounds // 2)
+        samples = {"candidate_samples_ms": [], "baseline_samples_ms": []}
+        pair = (("candidate_samples_ms", candidate), ("baseline_samples_ms", baseline))
+        for fn in (candidate, baseline):
+            fn()
+        self.sync(device)
+        for index in range(rounds):
+            for key, fn in (pair if index % 2 == 0 else pair[::-1]):
+                if device == "cuda":
+                    start, end = self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True)
+                    self.torch.cuda.synchronize()
+                    start.record()
+                    fn()
+                    end.record()
+                    end.synchronize()
+                    samples[key].append(start.elapsed_time(end))
+                else:
+                    start = time.perf_counter()
+                    fn()
+                    samples[key].append((time.perf_counter() - start) * 1e3)
+        return samples
+
+    @staticmethod
+    def paired_difference(candidate_ms, baseline_ms, *, resamples: int = 2000, level: float = 0.95,
+                          seed: int = 0) -> dict:
+        """Median of the per-round differences candidate - baseline and its percentile-bootstrap confidence
+        interval (rounds resampled with replacement, fixed seed: anyone can recompute it from the samples).
+        `resolved`: the interval excludes 0, i.e. the difference is outside timing noise."""
+        import random
+
+        if len(candidate_ms) != len(baseline_ms) or len(candidate_ms) < 3:
+            raise ValueError("paired samples need equal lengths of at least 3 rounds")
+        diffs = [c - b for c, b in zip(candidate_ms, baseline_ms)]
+        rng = random.Random(seed)
+        medians = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+        tail = (1.0 - level) / 2
+        low = medians[int(tail * (resamples - 1))]
+        high = medians[int(round((1.0 - tail) * (resamples - 1)))]
+        return {"statistic": "median of per-round differences, percentile bootstrap", "rounds": len(diffs),
+                "median_ms": statistics.median(diffs), "ci_low_ms": low, "ci_high_ms": high, "level": level,
+                "resamples": resamples, "seed": seed, "resolved": low > 0 or high < 0}
+
     @staticmethod
     def _summary(values, iterations, method) -> dict:
         ordered = sorted(values)

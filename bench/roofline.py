@@ -18,6 +18,10 @@ on the SIMT units (IEEE, torch's default "highest" precision) and ~380 with TF32
 measured). Not measured here: no GPU has been lent to this project; these numbers are predictions, and a GPU
 run stores them beside its timings.
 
+Two numbers per provider, labelled: `estimate_us` is a floor (peak rates, bytes once, + launches);
+`model_us` a prediction (Triton at TRITON_MATRIX_EFFICIENCY of the matrix rate, wave quantisation of our
+kernels' programs, the hi/lo and tf32x3 expand dots, + launches). No L2 term in either.
+
     python -m bench.roofline            # the prediction table of bench/README.md (H100)
 """
 from __future__ import annotations
@@ -35,7 +39,9 @@ from selora_kernels.fisher_stats import statistics_width  # noqa: E402
 from selora_kernels.kernels import launch_table  # noqa: E402
 
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-LAUNCH_US = 3.0  # order of one eager launch (CUDA 2-5 us; Triton's Python launcher is not faster)
+LAUNCH_US = 4.5  # one eager launch, host side included (CUDA ~4-5 us; Triton's Python launcher is not faster)
+# "model" only: a Triton main loop reaches a fraction of cuBLAS's matrix rate (assumed, not measured here)
+TRITON_MATRIX_EFFICIENCY = 0.7
 
 
 @dataclass(frozen=True)
@@ -53,12 +59,28 @@ class Ceilings:
         return self.fp32_flops if fp32_precision == "highest" else self.tf32_flops
 
 
-H100 = Ceilings("H100", 3.0e12, 798e12, 380e12, 60e12)
-H200 = Ceilings("H200", 4.3e12, 790e12, 380e12, 60e12)
+# H100 SXM / H200: measured copy bandwidth and bf16 rate (module docstring); the others: datasheet figures
+# (A100: HBM 1.555 / 2.039 TB/s, 312 TFLOP/s bf16, 156 TF32, 19.5 fp32; H100 PCIe: 2.0 TB/s, 756 bf16,
+# 378 TF32, 51 fp32), not measured.
+H100 = Ceilings("H100 SXM", 3.0e12, 798e12, 380e12, 60e12, 132)
+H200 = Ceilings("H200", 4.3e12, 790e12, 380e12, 60e12, 132)
+H100_PCIE = Ceilings("H100 PCIe", 2.0e12, 756e12, 378e12, 51e12, 114)
+A100_40GB = Ceilings("A100 40GB SXM", 1.555e12, 312e12, 156e12, 19.5e12, 108)
+A100_80GB = Ceilings("A100 80GB SXM", 2.039e12, 312e12, 156e12, 19.5e12, 108)
+GPUS = {c.name: c for c in (A100_40GB, A100_80GB, H100, H100_PCIE, H200)}
 
 
 def ceilings_for(device_name: str) -> Ceilings:
-    return H200 if "H200" in device_name.upper() else H100
+    """The table entry of a torch.cuda.get_device_name() string; KeyError for a GPU not in the table (a
+    wrong GPU's figures would be a wrong prediction, not a conservative one)."""
+    name = device_name.upper()
+    if "H200" in name:
+        return H200
+    if "H100" in name:
+        return H100_PCIE if "PCIE" in name else H100
+    if "A100" in name:
+        return A100_40GB if "40GB" in name or "40G" in name else A100_80GB
+    raise KeyError(f"no roofline figures for {device_name!r}; known: {sorted(GPUS)}")
 
 
 @dataclass(frozen=True)
@@ -67,6 +89,8 @@ class Kernel:
     flops: float
     bytes: float
     math_dtype: str  # rate of the FLOPs: "bf16"/"fp16" tensor cores, "fp32" SIMT or TF32
+    programs: int = 0  # Triton programs (tiles) of our kernels: wave quantisation in the model; 0 = unknown
+    triton: bool = False  # our Triton kernel: the model applies TRITON_MATRIX_EFFICIENCY
 
 
 @dataclass
@@ -89,13 +113,31 @@ class Estimate:
                 compute += t_flop
         return memory * 1e6, compute * 1e6
 
+    def model_us(self, ceilings: Ceilings, fp32_precision: str = "highest", launch_us: float = LAUNCH_US) -> float:
+        """A prediction, not a bound: per kernel max(bytes, FLOPs at Triton's efficiency for ours), stretched
+        by wave quantisation (a partial last wave of programs costs a whole wave), plus the launches."""
+        total = 0.0
+        for k in self.kernels:
+            rate = ceilings.matrix_rate(k.math_dtype, fp32_precision)
+            if k.triton:
+                rate *= TRITON_MATRIX_EFFICIENCY
+            t = max(k.bytes / ceilings.bandwidth, k.flops / rate)
+            if k.programs:
+                waves = k.programs / ceilings.multiprocessors
+                t *= math.ceil(waves) / waves
+            total += t
+        return total * 1e6 + len(self.kernels) * launch_us
+
     def summary(self, ceilings: Ceilings, fp32_precision: str = "highest", launch_us: float = LAUNCH_US) -> dict:
         memory, compute = self.times_us(ceilings, fp32_precision)
         floor = memory + compute
         launches = len(self.kernels) * launch_us
         bound = "launches" if launches > floor else ("memory" if memory >= compute else "compute")
+        # estimate_us is a floor (peak rates, every byte once, no waves) plus launches: nothing runs faster.
+        # model_us is the prediction; neither has an L2 term.
         return {"floor_us": floor, "launches": len(self.kernels), "estimate_us": floor + launches,
-                "bound": bound, "bytes": sum(k.bytes for k in self.kernels),
+                "estimate_kind": "floor", "model_us": self.model_us(ceilings, fp32_precision, launch_us),
+                "model_kind": "model", "bound": bound, "bytes": sum(k.bytes for k in self.kernels),
                 "flops": sum(k.flops for k in self.kernels)}
 
 
@@ -174,10 +216,16 @@ def ours_fused_forward(layer: Layer) -> List[Kernel]:
     """One kernel: x read once, the R_PAD-wide rank dot recomputed per output-column tile (R_PAD / BN)."""
     m, i, o, e, d = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype
     r_pad = launch_table.r_pad_for(max(layer.capacity, 1))
-    tiles_n = math.ceil(o / launch_table.blocks_for("forward", d, m).block_n)
-    flops = 2.0 * m * i * o + 2.0 * m * i * r_pad * tiles_n + 2.0 * m * r_pad * o
+    blocks = launch_table.blocks_for("forward", d, m)
+    tiles_n = math.ceil(o / blocks.block_n)
+    flops = 2.0 * m * i * o + 2.0 * m * i * r_pad * tiles_n + _EXPAND_DOTS[d] * 2.0 * m * r_pad * o
     moved = e * (m * i + i * o + r_pad * (i + o) + m * o + o)
-    return [Kernel("fused forward", flops, moved, d)]
+    return [Kernel("fused forward", flops, moved, d, math.ceil(m / blocks.block_m) * tiles_n, True)]
+
+
+# tensor-core dots of _fp32_rank_dot: bf16 splits the fp32 rank factor into hi + lo (two bf16 dots);
+# fp16 runs tf32x3 (three TF32 dots, counted at the half rate: a floor); fp32 one dot
+_EXPAND_DOTS = {"bf16": 2, "fp16": 3, "fp32": 1}
 
 
 def ours_merged_forward(layer: Layer) -> List[Kernel]:
@@ -197,18 +245,23 @@ def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 13
     # the statistics: a zero fill when not measuring, written whole by the collect kernel when measuring
     kernels = [] if measuring else [elementwise("fisher zeros", 0, 3 * (layer.capacity + 1), 4)]
     kernels += [
-        Kernel("grad_x (emits P)", 2.0 * m * o * i + 2.0 * m * o * r_pad * tiles_in + 2.0 * m * r_pad * i,
-               e * (m * o + o * i + r_pad * (i + o) + m * i) + 4 * m * r_pad, d),
-        Kernel("shrink U = x A_ext^T", 2.0 * m * i * r_pad, e * (m * i + r_pad * i) + 4 * m * r_pad, d),
+        Kernel("grad_x (emits P)", 2.0 * m * o * i + 2.0 * m * o * r_pad * tiles_in
+               + _EXPAND_DOTS[d] * 2.0 * m * r_pad * i,
+               e * (m * o + o * i + r_pad * (i + o) + m * i) + 4 * m * r_pad, d,
+               math.ceil(m / launch_table.blocks_for("grad_x", d, m).block_m) * tiles_in, True),
+        Kernel("shrink U = x A_ext^T", 2.0 * m * i * r_pad, e * (m * i + r_pad * i) + 4 * m * r_pad, d,
+               math.ceil(m / launch_table.blocks_for("shrink", d).block_m), True),
     ]
     blocks = launch_table.blocks_for("segment_reduce", d)
     tiles = math.ceil(i / blocks.block_n) + math.ceil(o / blocks.block_n)
     chunks, _ = launch_table.segment_chunks(m // segments, segments, tiles, blocks, 2 * multiprocessors)
     for grad, depth in (("dA", i), ("dB", o)):  # one chunk plan for both reductions
         partials = segments * chunks * r_pad * depth
-        kernels += [Kernel(f"segment reduce {grad}", 2.0 * m * r_pad * depth,
-                           4 * m * r_pad + e * m * depth + 4 * partials, d),
-                    elementwise(f"finalize {grad}", 4 * partials, r_pad * depth, 4, e)]
+        kernels += [Kernel(f"segment reduce {grad}", _EXPAND_DOTS[d] * 2.0 * m * r_pad * depth,
+                           4 * m * r_pad + e * m * depth + 4 * partials, d,
+                           segments * chunks * math.ceil(depth / blocks.block_n), True),
+                    # reads each fp32 partial once (4 B each), writes the gradient in the operand dtype
+                    elementwise(f"finalize {grad}", partials, r_pad * depth, 4, e)]
     if measuring:  # _fisher_collect_kernel: per-tile sums of both reductions into the statistics
         tiles = sum(math.ceil(depth / launch_table.blocks_for("finalize", d).block_n) for depth in (i, o))
         kernels += [elementwise("fisher collect", tiles * r_pad, 3 * (layer.capacity + 1), 4)]

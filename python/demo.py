@@ -1,13 +1,14 @@
 """The README's main job: a small end-to-end SeLoRA run on the embedded default, on a laptop CPU.
 
-    python -m python.demo [--epochs 60] [--output-dir runs/demo]
+    python -m python.demo [--epochs 60] [--output-dir runs/demo] [--base-cache runs/base_cache]
 
-Fine-tunes SeLoRA (lambda 1.1, t 40) and the LoRA r=4 baseline on the same deterministic synthetic
-"chest X-ray" set (48 generated grayscale images with captions, 36 train / 12 validation) with a tiny
-Stable Diffusion pipeline built from configs (random weights: nothing is downloaded), then generates the
-validation prompts (50 steps, guidance 7.5, 3 seeds), scores FID-64/192/2048 and CLIP score and writes a
-report (tables, rank heatmaps, curves, sample grid). Without --inception-weights / --clip-model the
-metrics use randomly initialised stand-ins, so the numbers only show that the pipeline works.
+Pre-trains a tiny Stable Diffusion pipeline on a generic synthetic domain (once; cached by recipe hash, nothing
+downloaded), fine-tunes SeLoRA (lambda 1.1, t 40) and the LoRA r=4 baseline from it on the same deterministic
+synthetic "chest X-ray" set (48 grayscale phantoms with captions, 36 train / 12 validation), generates the
+validation prompts with the base and each method (50 steps, guidance 7.5, 3 seeds) and writes a report (table
+with mean and spread over seeds, sample grid base / methods / real, rank heatmaps, curves, peak memory).
+Scores: distances in the base VAE's feature space; plus FID and CLIP score with --inception-weights and
+--clip-model (local weights).
 """
 from __future__ import annotations
 

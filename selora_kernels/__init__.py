@@ -1,8 +1,9 @@
 """selora_kernels: SeLoRA (self-expanding LoRA) adapters with fused kernels, for diffusion fine-tuning.
 
 Public API only. The layers below import downwards only: config, fisher_stats (pure) <- kernels <- ops
-<- nn <- optim <- expansion, with integrations <- nn, then the methods, data, training, evaluation and
-experiments packages on top.
+<- nn <- optim <- expansion, with integrations <- nn, then the data and methods packages, the model
+families (families: denoiser, conditioning and objective per pipeline), training, evaluation and experiments
+packages on top.
 """
 from importlib.util import find_spec
 

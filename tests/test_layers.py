@@ -21,6 +21,7 @@ LAYER_RANKS = {
     "integrations": 6,
     "data": 7,
     "methods": 8,
+    "families": 8.5,  # uses integrations and data, used by training; never seen below integrations
     "training": 9, "evaluation": 9,
     "experiments": 10,
     "__init__": 11,

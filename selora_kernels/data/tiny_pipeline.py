@@ -85,15 +85,16 @@ def write_tiny_tokenizer(folder, words=TOKENIZER_WORDS, model_max_length: int = 
     return folder
 
 
-def build_tiny_pipeline(folder=None, seed: int = 0):
+def build_tiny_pipeline(folder=None, seed: int = 0, words=TOKENIZER_WORDS, vae_config=None):
     """A tiny StableDiffusionPipeline with random weights (seeded). With `folder`, it is also saved there
-    (save_pretrained), so `StableDiffusionPipeline.from_pretrained(folder)` reloads it offline."""
+    (save_pretrained), so `StableDiffusionPipeline.from_pretrained(folder)` reloads it offline. `words`: the
+    tokenizer's whole-word merges (the pre-trained base adds its domain's words); `vae_config`: None for VAE_CONFIG."""
     # diffusers / transformers: imported when a pipeline is built, not by everything that imports data/
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(Path(scratch) / "tokenizer"))
+        tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(Path(scratch) / "tokenizer", words))
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -101,7 +102,7 @@ def build_tiny_pipeline(folder=None, seed: int = 0):
             vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, **TEXT_ENCODER_CONFIG))
         unet = UNet2DConditionModel(**UNET_CONFIG)
-        vae = AutoencoderKL(**VAE_CONFIG)
+        vae = AutoencoderKL(**(vae_config or VAE_CONFIG))
     finally:
         torch.random.set_rng_state(generator_state)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -23,10 +23,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from . import features  # noqa: E402
 from .heatmaps import plot_rank_heatmaps  # noqa: E402
 from .metrics import load_image_folder  # noqa: E402
 
 METRIC_COLUMNS = (("fid", "FID"), ("fid_64", "FID-64"), ("fid_192", "FID-192"), ("clip_score", "CLIP score"))
+# scores without downloaded weights (evaluation.features); shown when a run has them
+FEATURE_COLUMNS = (("fd_vae", "FD (base-VAE features)"), ("nn_vae", "NN distance (base-VAE features)"))
 MEMORY_COLUMNS = ("peak_gpu_mem_mb", "peak_memory_mb", "peak_mem_mb", "memory_mb")
 STEP_TIME_COLUMNS = ("step_time_s", "step_time")
 RANK_PREFIX = "rank:"
@@ -52,6 +55,8 @@ class MethodRun:
     threshold: Optional[float] = None
     training_time_s: Optional[float] = None
     peak_memory_mb: Optional[float] = None
+    memory_kind: Optional[str] = None  # "rss": process resident set size (no CUDA); None: the log's GPU memory
+    memory_curve: Optional[List[List[float]]] = None  # (step, peak MiB so far) when the log has no memory
 
 
 # ------------------------------------------------------------------------------------------------ logs
@@ -131,15 +136,30 @@ def format_optional(value, unit: str, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f} {unit}"
 
 
+def metric_columns(runs: Sequence[MethodRun]):
+    """FID/CLIP columns when any run has one of them or none has a feature score; feature columns when present."""
+    present = {key for run in runs for key in run.metrics}
+    columns = [c for c in FEATURE_COLUMNS if c[0] in present]
+    if not columns or present & {key for key, _ in METRIC_COLUMNS}:
+        columns = list(METRIC_COLUMNS) + columns
+    return columns
+
+
+def format_memory(run: MethodRun) -> str:
+    # the trainer logs 0 MiB without a GPU: that is "not measured", not "no memory"
+    text = format_optional(run.peak_memory_mb or None, "MiB")
+    return text + " (peak RSS)" if run.memory_kind == "rss" and text != "-" else text
+
+
 def results_table(runs: Sequence[MethodRun]) -> str:
-    header = (["Method"] + [label for _, label in METRIC_COLUMNS]
+    columns = metric_columns(runs)
+    header = (["Method"] + [label for _, label in columns]
               + ["Trainable UNet (%)", "Trainable text encoder (%)", "Peak memory", "Training time"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
-        cells = [run.name] + [format_metric(run.metrics.get(key)) for key, _ in METRIC_COLUMNS]
+        cells = [run.name] + [format_metric(run.metrics.get(key)) for key, _ in columns]
         cells += [format_count(run.parameters, "unet"), format_count(run.parameters, "text_encoder"),
-                  # the trainer logs 0 MiB without a GPU: that is "not measured", not "no memory"
-                  format_optional(run.peak_memory_mb or None, "MiB"), format_optional(run.training_time_s, "s")]
+                  format_memory(run), format_optional(run.training_time_s, "s")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -162,23 +182,32 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower() or "run"
 
 
-def plot_training_curves(logs: Dict[str, List[Dict[str, float]]], path) -> Optional[Path]:
-    """Peak memory, loss, total rank and step time over steps, one line per method (Figures 11-12)."""
+def plot_training_curves(logs: Dict[str, List[Dict[str, float]]], path,
+                         memory_curves: Optional[Dict[str, Sequence]] = None) -> Optional[Path]:
+    """Peak memory, loss, total rank and step time over steps, one line per method (Figures 11-12).
+    memory_curves: {name: [(step, MiB), ...]} used instead of a log whose memory column is all 0 (no CUDA)."""
+    memory_curves = {name: curve for name, curve in (memory_curves or {}).items() if curve}
     logs = {name: rows for name, rows in logs.items() if rows}
     if not logs:
         return None
     panels = [("memory", MEMORY_COLUMNS, "peak memory (MiB)"), ("loss", ("loss",), "training loss"),
               ("rank", ("total_rank",), "total rank"), ("time", STEP_TIME_COLUMNS, "step time (s)")]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for axis, (_, columns, label) in zip(axes, panels):
+    for axis, (panel, columns, label) in zip(axes, panels):
         for name, rows in logs.items():
             column = _first_column(rows, columns)
+            if panel == "memory" and name in memory_curves and not any(r.get(column or "", 0) for r in rows):
+                steps, values = zip(*memory_curves[name])
+                axis.plot(steps, values, marker="o", markersize=3, label=name)
+                axis.set_ylabel("peak process RSS (MiB, no CUDA)")
+                continue
             if column is None:
                 continue
             axis.plot([r["step"] for r in rows], [r.get(column, float("nan")) for r in rows], marker="o",
                       markersize=3, label=name)
         axis.set_xlabel("step")
-        axis.set_ylabel(label)
+        if not axis.get_ylabel():
+            axis.set_ylabel(label)
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     figure.tight_layout()
@@ -190,18 +219,21 @@ def plot_training_curves(logs: Dict[str, List[Dict[str, float]]], path) -> Optio
 
 def plot_sample_grid(runs: Sequence[MethodRun], path, real_dir: Optional[str] = None,
                      num_samples: int = 4) -> Optional[Path]:
-    """Rows: real images (when given) then each method; columns: the first `num_samples` prompts."""
+    """Rows: each method, then the real images (when given); columns: the first `num_samples` prompts."""
     rows = []
     prompts: List[str] = []
+    real_row = None
     if real_dir is not None:
         images, prompts = load_image_folder(real_dir)
-        rows.append(("real", images[:num_samples]))
+        real_row = ("real", images[:num_samples])
     for run in runs:
         if run.samples_dir and os.path.isdir(run.samples_dir):
             images, run_prompts = load_image_folder(run.samples_dir)
             rows.append((run.name, images[:num_samples]))
             if not any(prompts):
                 prompts = run_prompts
+    if real_row is not None:
+        rows.append(real_row)
     rows = [(name, images) for name, images in rows if images]
     if not rows:
         return None
@@ -214,7 +246,7 @@ def plot_sample_grid(runs: Sequence[MethodRun], path, real_dir: Optional[str] = 
             axis.set_xticks([])
             axis.set_yticks([])
             if c < len(images):
-                axis.imshow(images[c])
+                axis.imshow(images[c], interpolation="nearest")
             if c == 0:
                 axis.set_ylabel(name, fontsize=8)
             if r == 0 and c < len(prompts) and prompts[c]:
@@ -250,13 +282,19 @@ def write_report(runs: Sequence[MethodRun], output_dir, title: str = "SeLoRA vs 
                 run.ranks = final_ranks_from_log(rows) or None
     lines = [f"# {title}", ""]
     lines += ["## Results (mean ± std over seeds)", "", results_table(runs), ""]
-    lines += ["FID: Inception-v3 2048-d final pool; FID-64 / FID-192: the 64- and 192-channel intermediate "
-              "blocks (torch-fidelity layers). CLIP score: 100 x cosine, clamped at 0. Trainable %: adapter "
-              "parameters over the frozen model part's parameters.", ""]
+    shown = {key for key, _ in metric_columns(runs)}
+    if "fid" in shown:
+        lines += ["FID: Inception-v3 2048-d final pool; FID-64 / FID-192: the 64- and 192-channel intermediate "
+                  "blocks (torch-fidelity layers). CLIP score: 100 x cosine, clamped at 0.", ""]
+    if shown & {key for key, _ in FEATURE_COLUMNS}:
+        lines += [f"Feature space: {features.FEATURE_SPACE}", ""]
+    lines += ["Trainable %: adapter parameters over the frozen model part's parameters. Peak memory: CUDA's peak "
+              "allocation, or the process's peak resident set size (RSS, sampled) where there is no CUDA.", ""]
     ablation = ablation_table(runs)
     if ablation:
         lines += ["## Lambda ablation (SeLoRA)", "", ablation, ""]
-    curves = plot_training_curves(logs, output / "training_curves.png")
+    curves = plot_training_curves(logs, output / "training_curves.png",
+                                  {run.name: run.memory_curve for run in runs if run.memory_curve})
     if curves:
         lines += ["## Memory, loss and rank over training", "", f"![training curves]({curves.name})", ""]
     heatmaps = []
@@ -270,7 +308,8 @@ def write_report(runs: Sequence[MethodRun], output_dir, title: str = "SeLoRA vs 
         lines += [f"### {name}\n\n![ranks {name}]({path.name})\n" for name, path in heatmaps]
     grid = plot_sample_grid(runs, output / "samples.png", real_dir=real_dir, num_samples=num_samples)
     if grid:
-        lines += ["## Samples (same prompts, seed 0)", "", f"![samples]({grid.name})", ""]
+        lines += ["## Samples (same prompts, seed 0; rows top to bottom as in the table, real last)", "",
+                  f"![samples]({grid.name})", ""]
     if notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     report = output / "report.md"

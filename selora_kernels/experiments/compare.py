@@ -11,6 +11,7 @@ training images; generation samples at the same resolution (height = width = the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+import torch
 from PIL import Image
 from safetensors import safe_open
 
@@ -30,6 +32,7 @@ from ..evaluation.generation import (PAPER_GUIDANCE, PAPER_STEPS, generate_for_s
                                      save_images)
 from ..evaluation.metrics import (Evaluator, build_tiny_clip, evaluate_folders, resize_center_crop,
                                   write_random_inception_weights)
+from ..evaluation.memory import RssMonitor
 from ..evaluation.report import MethodRun, write_report
 from ..integrations.adapter_io import PEFT_WEIGHT_NAME, atomic_write
 from ..methods import METHODS
@@ -201,12 +204,34 @@ def write_jsonl_atomic(path: Path, rows: Sequence[dict]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def run_comparison(options: CompareOptions, finetune_fn: Optional[Callable] = None) -> Path:
-    """Fine-tunes, generates, evaluates every method; returns the report.md path."""
+def training_images(options: CompareOptions):
+    """PIL images of the training split at the training resolution (the real-vs-real reference row)."""
+    splits = load_split_records(options.dataset, options.data_dir, seed=options.seed,
+                                synthetic_count=options.synthetic_count, synthetic_size=resolution_of(options))
+    images = []
+    for record in check_images(splits[0], options.on_bad_image, progress=False):
+        if isinstance(record.image, Image.Image):
+            image = to_rgb(record.image)
+        else:
+            with Image.open(record.image) as handle:
+                image = to_rgb(handle)
+        images.append(resize_center_crop(image, resolution_of(options)))
+    return images
+
+
+def run_comparison(options: CompareOptions, finetune_fn: Optional[Callable] = None, evaluator=None,
+                   base_row: Optional[Dict[str, object]] = None, extra_notes: Sequence[str] = ()) -> Path:
+    """Fine-tunes, generates, evaluates every method; returns the report.md path.
+
+    evaluator: anything with Evaluator's set_real / evaluate / clip (default: build_evaluator(options)).
+    base_row: {"name", "peak_memory_mb", "training_time_s"} adds the base pipeline without an adapter (same
+    prompts and seeds) and a real-vs-real reference (training split against the evaluation split) to the
+    report. On a machine without CUDA each fine-tuning run's peak memory is the process RSS, sampled."""
     finetune_fn = finetune_fn or finetune_run
     output = Path(options.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    evaluator = build_evaluator(options)  # before training: missing weights fail in seconds, not hours
+    if evaluator is None:
+        evaluator = build_evaluator(options)  # before training: missing weights fail in seconds, not hours
     prompts, real_images, train_size = evaluation_split(options)
     real_dir = save_images(real_images, prompts, str(output / "real"))
     evaluator.set_real(real_images)
@@ -215,18 +240,34 @@ def run_comparison(options: CompareOptions, finetune_fn: Optional[Callable] = No
     per_seed_rows: List[dict] = []
     plan = [(m, t) for m in options.methods for t in (options.thresholds if m == "selora" else (None,))]
     runs: List[MethodRun] = []
+    generation = dict(num_inference_steps=options.num_inference_steps, guidance_scale=options.guidance_scale,
+                      batch_size=options.generation_batch_size, height=resolution, width=resolution,
+                      progress=options.progress)
+    if base_row is not None:
+        pipe = load_pipeline_with_adapter(options.pretrained, None, device=options.device, seed=options.seed)
+        folders = generate_for_seeds(pipe, prompts, options.eval_seeds, str(output / "generated" / "base"),
+                                     **generation)
+        evaluation = evaluate_folders(evaluator, folders, real_dir)
+        runs.append(MethodRun(name=str(base_row["name"]), method="base", metrics=evaluation["summary"],
+                              samples_dir=folders[0], peak_memory_mb=base_row.get("peak_memory_mb"),
+                              training_time_s=base_row.get("training_time_s"), memory_kind="rss"))
+        per_seed_rows.append({"run": "base", **evaluation})
+        evaluator.set_real(real_images)
+        reference = evaluator.evaluate(training_images(options), prompts=None) if evaluator.clip is None else {}
+        if reference:
+            runs.append(MethodRun(name=f"real (training split, {train_size} images)", method="real",
+                                  metrics={k: {"mean": v, "std": 0.0, "n": 1} for k, v in reference.items()}))
     for method, threshold in plan:
         name = run_name(method, threshold)
         run_dir = str(output / "runs" / name)
-        finetune_fn(options, method, threshold, run_dir, total_steps)
+        monitor = None if torch.cuda.is_available() else RssMonitor(Path(run_dir) / "train_log.csv")
+        with monitor or contextlib.nullcontext():
+            finetune_fn(options, method, threshold, run_dir, total_steps)
         adapter = exported_adapter(run_dir)
         pretrained = options.pretrained or os.path.join(run_dir, "tiny_pipeline")
         pipe = load_pipeline_with_adapter(pretrained, adapter, device=options.device, seed=options.seed)
         folders = generate_for_seeds(pipe, prompts, options.eval_seeds, str(output / "generated" / name),
-                                     num_inference_steps=options.num_inference_steps,
-                                     guidance_scale=options.guidance_scale,
-                                     batch_size=options.generation_batch_size, height=resolution,
-                                     width=resolution, progress=options.progress)
+                                     **generation)
         evaluation = evaluate_folders(evaluator, folders, real_dir)
         ranks_file = os.path.join(run_dir, "final_ranks.json")
         ranks = json.loads(Path(ranks_file).read_text()) if os.path.isfile(ranks_file) else None
@@ -234,7 +275,10 @@ def run_comparison(options: CompareOptions, finetune_fn: Optional[Callable] = No
         runs.append(MethodRun(name=display_name(method, threshold), method=method, metrics=evaluation["summary"],
                               parameters=adapter_parameter_report(adapter, pipe),
                               train_log=log if os.path.isfile(log) else None, ranks=ranks or None,
-                              samples_dir=folders[0], threshold=threshold))
+                              samples_dir=folders[0], threshold=threshold,
+                              peak_memory_mb=monitor.peak_mb if monitor else None,
+                              memory_kind="rss" if monitor else None,
+                              memory_curve=monitor.curve if monitor else None))
         per_seed_rows.append({"run": name, **evaluation})
         write_jsonl_atomic(output / "per_seed.json", per_seed_rows)  # one line per run, this invocation's only
     notes = [f"{len(prompts)} evaluation prompts, seeds {list(options.eval_seeds)}, "
@@ -243,5 +287,6 @@ def run_comparison(options: CompareOptions, finetune_fn: Optional[Callable] = No
     if options.stand_in_eval_models:
         notes.append("Evaluation used RANDOMLY INITIALISED Inception and CLIP stand-ins (--stand-in-eval-models): "
                      "the FID/CLIP numbers test the plumbing only and mean nothing.")
+    notes.extend(extra_notes)
     (output / "compare_options.json").write_text(json.dumps(asdict(options), indent=2, default=str))
     return write_report(runs, output / "report", real_dir=real_dir, notes=notes)

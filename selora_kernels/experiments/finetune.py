@@ -1,10 +1,12 @@
 """The fine-tuning program as a function: pipeline + data + method + trainer + report files.
 
 `python -m python.finetune` only parses arguments into FinetuneOptions (experiments.options) and calls
-`run_finetune`.
+`run_finetune`. The model family (families/) comes from --family or, by default, from the pipeline folder's
+model_index.json; it decides the trained modules, the conditioning, the objective and the export layout.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from ..config import MODE_ALIASES, TARGET_PRESETS, TRIAL_MODES, SeLoRAConfig, ca
 from ..data.datasets import DATASETS, build_datasets
 from ..data.tiny_pipeline import TINY_RESOLUTION, load_pipeline
 from ..evaluation.heatmaps import plot_rank_heatmaps
+from ..families import AUTO, FAMILIES, ModelFamily, get_family
 from ..methods import METHODS, make_method
 from ..training.trainer import Trainer, TrainOptions, TrainResult, total_steps
 from .options import cli
@@ -51,7 +54,10 @@ SELORA_FLAGS = {  # the SeLoRAConfig fields the fine-tuning command line sets
 class FinetuneOptions:
     output_dir: str = "runs/selora"
     pretrained: Optional[str] = field(default=None, metadata=cli(
-        "local diffusers StableDiffusionPipeline folder (None: a tiny pipeline built from configs)"))
+        "local diffusers pipeline folder (None: a tiny pipeline of --family built from configs)"))
+    family: str = field(default=AUTO, metadata=cli(
+        "model family (auto: from the folder's model_index.json; tiny pipeline: sd1); outside SD 1.x/2.x the "
+        "default --targets (released_script) becomes the family's preset", choices=(AUTO,) + tuple(FAMILIES)))
     dataset: str = field(default="synthetic", metadata=cli(choices=DATASETS))
     data_dir: Optional[str] = None
     caption_column: str = field(default="text", metadata=cli("caption column (--dataset folder)"))
@@ -111,6 +117,31 @@ def cpu_threads(options: FinetuneOptions) -> Optional[int]:
     return None
 
 
+def load_family_pipeline(options: FinetuneOptions, output: Path):
+    """(family, pipeline): --pretrained loaded as its family's pipeline, or that family's tiny pipeline (cached
+    under the output folder). Stable Diffusion keeps load_pipeline's path and cache folder."""
+    family = get_family(options.family, options.pretrained)
+    if family.name in ("sd1", "sd2") and (options.pretrained is not None or family.name == "sd1"):
+        return family, load_pipeline(options.pretrained, cache_dir=output / "tiny_pipeline"
+                                     if options.pretrained is None else None, seed=options.seed)
+    if options.pretrained is not None:
+        return family, family.load(options.pretrained)
+    cache = output / f"tiny_{family.name}"
+    if (cache / "model_index.json").exists():
+        return family, family.load(cache)
+    return family, family.build_tiny(cache, seed=options.seed)
+
+
+def family_config(family: ModelFamily, config: SeLoRAConfig) -> SeLoRAConfig:
+    """`config`, with the family's default targets where it keeps the SD preset outside Stable Diffusion."""
+    if family.name in ("sd1", "sd2") or config.target_modules != SeLoRAConfig().target_modules:
+        return config
+    config = copy.deepcopy(config)
+    targets = family.default_targets
+    config.target_modules = targets if isinstance(targets, str) else list(targets)
+    return config
+
+
 def rank_summary(ranks) -> str:
     """A few lines: total, histogram of ranks, the largest modules."""
     total = sum(ranks.values())
@@ -131,19 +162,20 @@ def run_finetune(options: FinetuneOptions) -> TrainResult:
     torch.manual_seed(options.seed)
     output = Path(options.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(options.pretrained, cache_dir=output / "tiny_pipeline" if options.pretrained is None
-                         else None, seed=options.seed)
+    family, pipe = load_family_pipeline(options, output)
     resolution = options.resolution or (TINY_RESOLUTION if options.pretrained is None else 224)
     train_set, validation_set = build_datasets(
-        options.dataset, pipe.tokenizer, resolution, data_dir=options.data_dir,
+        options.dataset, family.tokenizer(pipe), resolution, data_dir=options.data_dir,
         caption_column=options.caption_column, on_error=options.on_bad_image, seed=options.seed,
         synthetic_count=options.synthetic_count, synthetic_size=resolution)
     logger.info("train %d images, validation %d images, resolution %d", len(train_set), len(validation_set),
                 resolution)
-    method = make_method(options.method, options.selora, seed=options.seed,
+    selora = family_config(family, options.selora)
+    method = make_method(options.method, selora, seed=options.seed,
                          total_steps=total_steps(options.epochs, len(train_set), options.batch_size,
-                                                 options.max_steps))
-    trainer = Trainer(pipe, method, train_set, validation_set, TrainOptions(
+                                                 options.max_steps), parts=family.method_parts)
+    logger.info("model family %s (%s); targets %s", family.name, family.objective, selora.target_modules)
+    trainer = Trainer(pipe, method, train_set, validation_set, family=family, options=TrainOptions(
         output_dir=str(output), epochs=options.epochs, batch_size=options.batch_size, lr=options.lr,
         seed=options.seed, mixed_precision=options.mixed_precision, max_steps=options.max_steps,
         log_every=options.log_every or options.selora.interval, resume=options.resume, progress=options.progress))
@@ -153,8 +185,7 @@ def run_finetune(options: FinetuneOptions) -> TrainResult:
         return result  # every process holds the same adapters (all-reduced decisions): one writer
     (output / "final_ranks.json").write_text(json.dumps(ranks, indent=2))
     method.save(output / "adapter.safetensors", extra_metadata={"step": result.steps})
-    method.export(output / "peft_lora")
-    selora = options.selora
+    family.export(method, output / "peft_lora")
     plot_rank_heatmaps(ranks, output / "rank_heatmap.png",
                        title=f"SeLoRA ranks after {result.steps} steps (lambda={selora.threshold}, "
                              f"t={selora.interval}, {selora.trial})")

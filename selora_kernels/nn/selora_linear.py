@@ -95,6 +95,20 @@ class SeLoRALinear(nn.Module):
         self._tag_adapter_parameters()
 
     @property
+    def scale(self) -> float:
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        # s is mirrored in place into a 0-d CPU tensor that torch.compile reads as a graph input (a float
+        # attribute would be guarded, so every alpha_over_r growth would recompile); no device sync to read it
+        self._scale = float(value)
+        if "_scale_tensor" not in self.__dict__:
+            self._scale_tensor = torch.tensor(self._scale, dtype=torch.float64)
+        else:
+            self._scale_tensor.fill_(self._scale)
+
+    @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
@@ -175,10 +189,16 @@ class SeLoRALinear(nn.Module):
         bias = cast(self.bias, dtype) if self.bias is not None else None
         y = SeLoRALinearFunction.apply(flat, cast(self.weight, dtype), bias, cast(self.lora_A, dtype),
                                        cast(self.lora_B, dtype), cast(self.trial_row, dtype), self.live_rank,
-                                       probe, self.scale, num_samples, multiplier, probe is not None)
+                                       probe, self._compiled_scale(), num_samples, multiplier, probe is not None)
         if probe is not None and not torch.compiler.is_compiling():  # a hook would break the compiled graph
             y.register_hook(self._check_single_use)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _compiled_scale(self):
+        # eager: the float (no tensor read per call); compiled alpha_over_r: the tensor, so growth never recompiles
+        if self.scaling == "alpha_over_r" and torch.compiler.is_compiling():
+            return self._scale_tensor
+        return self._scale
 
     def _check_single_use(self, grad: torch.Tensor) -> None:
         # Per-sample Fisher squares each sample's gradient of this module; a module applied twice to one sample

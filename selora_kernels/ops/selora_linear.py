@@ -2,9 +2,10 @@
 
 Two ops, both functional (no mutation), so they work under torch.compile and CUDA graphs:
 
-- ``torch.ops.selora.linear(x, weight, bias, lora_a, lora_b, scale, live_rank) -> y``: the forward;
+- ``torch.ops.selora.linear(x, weight, bias, lora_a, lora_b, scale, live_rank, scale_tensor=None) -> y``: the
+  forward (scale_tensor, a 0-d float64 CPU tensor, replaces scale when given);
 - ``torch.ops.selora.linear_backward(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale,
-  num_samples, per_sample_multiplier, measuring, compute_grad_x) -> (grad_x, grad_a, grad_b, fisher_stats)``.
+  num_samples, per_sample_multiplier, measuring, compute_grad_x, scale_tensor=None) -> (grad_x, grad_a, grad_b, fisher_stats)``.
 
 Each op has one implementation per device, registered in one place below: the reference (ops/reference.py)
 for every device, the Triton dispatch (ops/cuda_impl.py) for CUDA. torch's dispatcher picks between them.
@@ -52,29 +53,36 @@ def using_path(name: str) -> Iterator[None]:
         cuda_impl.force_path("backward", previous["backward"])
 
 
+def _host_scale(scale: float, scale_tensor: Optional[Tensor]) -> float:
+    """s: `scale_tensor` (a 0-d float64 CPU tensor, read without a device sync) replaces `scale` when given.
+    A compiled graph takes s as a tensor input, so a new s (alpha_over_r growth) needs no recompile."""
+    return scale if scale_tensor is None else float(scale_tensor)
+
+
 @torch.library.custom_op("selora::linear", mutates_args=())
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scale: float,
-           live_rank: Tensor) -> Tensor:
-    return forward_reference(x, weight, bias, lora_a, lora_b, scale, live_rank)
+           live_rank: Tensor, scale_tensor: Optional[Tensor] = None) -> Tensor:
+    return forward_reference(x, weight, bias, lora_a, lora_b, _host_scale(scale, scale_tensor), live_rank)
 
 
 @torch.library.custom_op("selora::linear_backward", mutates_args=())
 def linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                     trial_row: Optional[Tensor], live_rank: Tensor, scale: float, num_samples: int,
-                    per_sample_multiplier: float, measuring: bool,
-                    compute_grad_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return backward_reference(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale, num_samples,
-                              per_sample_multiplier, measuring, compute_grad_x)
+                    per_sample_multiplier: float, measuring: bool, compute_grad_x: bool,
+                    scale_tensor: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return backward_reference(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank,
+                              _host_scale(scale, scale_tensor), num_samples, per_sample_multiplier, measuring,
+                              compute_grad_x)
 
 
 @linear.register_fake
-def _linear_fake(x, weight, bias, lora_a, lora_b, scale, live_rank):
+def _linear_fake(x, weight, bias, lora_a, lora_b, scale, live_rank, scale_tensor=None):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @linear_backward.register_fake
 def _linear_backward_fake(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale, num_samples,
-                          per_sample_multiplier, measuring, compute_grad_x):
+                          per_sample_multiplier, measuring, compute_grad_x, scale_tensor=None):
     grad_x = x.new_empty(x.shape) if compute_grad_x else x.new_empty(0)
     fisher = x.new_empty(statistics_shape(lora_a.shape[0]), dtype=fisher_dtype(x.dtype))
     return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b), fisher
@@ -82,8 +90,16 @@ def _linear_backward_fake(grad_y, x, weight, lora_a, lora_b, trial_row, live_ran
 
 # The device dispatch, in one block: the reference above serves every device, Triton serves CUDA; eager
 # calls make the same choice without the dispatcher's per-call cost.
-linear.register_kernel("cuda")(forward_cuda)
-linear_backward.register_kernel("cuda")(backward_cuda)
+@linear.register_kernel("cuda")
+def _linear_cuda(x, weight, bias, lora_a, lora_b, scale, live_rank, scale_tensor=None):
+    return forward_cuda(x, weight, bias, lora_a, lora_b, _host_scale(scale, scale_tensor), live_rank)
+
+
+@linear_backward.register_kernel("cuda")
+def _linear_backward_cuda(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale, num_samples,
+                          per_sample_multiplier, measuring, compute_grad_x, scale_tensor=None):
+    return backward_cuda(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, _host_scale(scale, scale_tensor),
+                         num_samples, per_sample_multiplier, measuring, compute_grad_x)
 
 
 def _forward_implementation(x: Tensor):
@@ -103,14 +119,17 @@ def _gradients(backward, needs_input_grad, grad_y, x, weight, lora_a, lora_b, tr
     if needs_input_grad[1] or needs_input_grad[2]:
         raise RuntimeError("selora::linear keeps W0 and b0 frozen; set requires_grad=False on them "
                            "(SeLoRALinear.from_linear does this)")
+    if isinstance(scale, Tensor):  # only the ops take s as a tensor (under torch.compile)
+        return backward(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, 1.0, num_samples,
+                        per_sample_multiplier, measuring, bool(needs_input_grad[0]), scale)
     return backward(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale, num_samples,
                     per_sample_multiplier, measuring, bool(needs_input_grad[0]))
 
 
 def _linear_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scale, live_rank = inputs
+    x, weight, bias, lora_a, lora_b, scale, live_rank, scale_tensor = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, live_rank)
-    ctx.scale = scale
+    ctx.scale = scale if scale_tensor is None else scale_tensor
 
 
 def _linear_backward_formula(ctx, grad_y):
@@ -120,7 +139,7 @@ def _linear_backward_formula(ctx, grad_y):
     grad_x, grad_a, grad_b, _ = _gradients(torch.ops.selora.linear_backward, needs, grad_y, x, weight, lora_a,
                                            lora_b, None, live_rank, ctx.scale, 1, 1.0, False)
     return (grad_x if needs[0] else None, None, None, grad_a if needs[3] else None,
-            grad_b if needs[4] else None, None, None)
+            grad_b if needs[4] else None, None, None, None)
 
 
 linear.register_autograd(_linear_backward_formula, setup_context=_linear_setup_context)
@@ -130,11 +149,11 @@ class SeLoRALinearFunction(torch.autograd.Function):
     """y = x W0^T + b0 + s (x A^T) B^T with the SeLoRA backward; what SeLoRALinear calls.
 
     fisher_probe: None, or the (3, capacity + 1) leaf whose gradient receives the Fisher statistics while
-    `measuring`. W0 and b0 stay frozen (no gradient is computed for them)."""
+    `measuring`. scale: a float, or (under torch.compile) a 0-d float64 CPU tensor holding s. W0 and b0 stay frozen (no gradient is computed for them)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-                trial_row: Tensor, live_rank: Tensor, fisher_probe: Optional[Tensor], scale: float,
+                trial_row: Tensor, live_rank: Tensor, fisher_probe: Optional[Tensor], scale,
                 num_samples: int, per_sample_multiplier: float, measuring: bool) -> Tensor:
         ctx.save_for_backward(x, weight, lora_a, lora_b, trial_row, live_rank)
         ctx.scale = scale
@@ -142,6 +161,8 @@ class SeLoRALinearFunction(torch.autograd.Function):
         ctx.per_sample_multiplier = per_sample_multiplier
         ctx.measuring = measuring and fisher_probe is not None
         ctx.probe_dtype = fisher_probe.dtype if fisher_probe is not None else None
+        if isinstance(scale, Tensor):  # only the op takes s as a tensor (under torch.compile)
+            return torch.ops.selora.linear(x, weight, bias, lora_a, lora_b, 1.0, live_rank, scale)
         return _forward_implementation(x)(x, weight, bias, lora_a, lora_b, scale, live_rank)
 
     @staticmethod

@@ -1,11 +1,13 @@
-"""The fine-tuning loop: epsilon-prediction MSE on a Stable Diffusion pipeline with a pluggable adapter method.
+"""The fine-tuning loop: a diffusion pipeline of any supported model family with a pluggable adapter method.
 
-Per step: VAE latents (frozen), noise and timesteps uniform in 0..num_train_timesteps-1 drawn from a
-generator seeded by seed_mix(seed, step) (so a resumed run draws exactly what the original would), text encoder +
-UNet forward (both adapted), MSE to the noise, backward, optimizer step, the method's hook (SeLoRA: the
-expansion test every t steps). Validation each epoch keeps the best adapter. Every `log_every` steps a log
-row goes to CSV and TensorBoard; every `checkpoint_every` steps an atomic checkpoint (adapter, optimizer,
-step, method state; see checkpoints.py) is written, so a crash loses at most the steps since the last one.
+Per step: the family (families/) turns the batch into the denoiser's input, conditioning and target, drawing
+every random number from a generator seeded by seed_mix(seed, step) (so a resumed run draws exactly what the
+original would): for Stable Diffusion 1.x, VAE latents (frozen), noise and timesteps uniform in
+0..num_train_timesteps-1, text encoder + UNet forward (both adapted), MSE to the noise. Then backward,
+optimizer step, the method's hook (SeLoRA: the expansion test every t steps). Validation each epoch keeps
+the best adapter. Every `log_every` steps a log row goes to CSV and TensorBoard; every `checkpoint_every`
+steps an atomic checkpoint (adapter, optimizer, step, method state; see checkpoints.py) is written, so a
+crash loses at most the steps since the last one.
 """
 from __future__ import annotations
 
@@ -19,10 +21,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.seeds import seed_mix
+from ..families import DENOISER_PART, TEXT_PART, ModelFamily, StepInputs, detect_family
 from ..methods.base import AdapterMethod
 from ..optim.state_growth import unwrap_optimizer
 from .checkpoints import (ADAPTER_FILE, CHECKPOINT_DIR, checkpoint_name, load_checkpoint, lock_output_dir,
@@ -74,7 +76,8 @@ def total_steps(epochs: int, train_size: int, batch_size: int, max_steps: Option
 
 
 class Trainer:
-    def __init__(self, pipe, method: AdapterMethod, train_dataset, validation_dataset, options: TrainOptions):
+    def __init__(self, pipe, method: AdapterMethod, train_dataset, validation_dataset, options: TrainOptions,
+                 family: Optional[ModelFamily] = None):
         # accelerate / diffusers: imported when a trainer is built, not by everything that imports training/
         from accelerate import Accelerator
 
@@ -86,21 +89,25 @@ class Trainer:
         self._lock_finalizer = None
         try:
             self._take_output_folder()
-            self._setup(pipe, method, train_dataset, validation_dataset)
+            self._setup(pipe, method, train_dataset, validation_dataset, family)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, pipe, method, train_dataset, validation_dataset) -> None:
-        from diffusers import DDPMScheduler  # heavy: imported when a run is set up
-
+    def _setup(self, pipe, method, train_dataset, validation_dataset, family) -> None:
         options = self.options
         self.pipe, self.method = pipe, method
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.vae, self.unet, self.text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
-        self.vae.requires_grad_(False)
+        self.family = family if family is not None else detect_family(pipe)
+        self.noise_scheduler = self.family.noise_scheduler(pipe)
+        self.vae = pipe.vae
+        # method part -> module: "unet" is the denoiser (a UNet or a transformer), "text_encoder" only where the
+        # family runs it inside the step
+        parts = self.family.adapted_parts(pipe)
+        self.frozen = self.family.frozen_modules(pipe)
+        for module in self.frozen:
+            module.requires_grad_(False)
         self.train_dataset, self.validation_dataset = train_dataset, validation_dataset
-        method.inject({"unet": self.unet, "text_encoder": self.text_encoder})
+        method.inject(parts)
         if not options.resume:
             self._move_previous_run_aside()
         if torch.cuda.is_available():
@@ -112,9 +119,11 @@ class Trainer:
             self.resume_state = load_checkpoint(folder, method, options, verify=False)
         self.optimizer = method.make_optimizer(options.lr)
         device = self.accelerator.device
-        self.vae.to(device)
-        self.unet, self.text_encoder, self.optimizer = self.accelerator.prepare(
-            self.unet, self.text_encoder, self.optimizer)
+        for module in self.frozen:
+            module.to(device)
+        *prepared, self.optimizer = self.accelerator.prepare(*parts.values(), self.optimizer)
+        self.models = dict(zip(parts, prepared))
+        self.unet, self.text_encoder = self.models[DENOISER_PART], self.models.get(TEXT_PART)
         method.attach(self.optimizer, grad_scaler=self.accelerator.scaler)
         self.step, self.best_validation = 0, math.inf
         if self.resume_state is not None:
@@ -173,33 +182,19 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ one step
-    def _prepare_batch(self, batch, step: int, per_process: bool = True):
-        """Latents, noise, timesteps and noisy latents of a batch, drawn from the (seed, step) generator."""
-        device = self.accelerator.device
+    def _prepare_batch(self, batch, step: int, per_process: bool = True) -> StepInputs:
+        """The family's denoiser input, conditioning and target of a batch, drawn from the (seed, step)
+        generator."""
         # one noise stream per (step, process): under multi-process training each process gets its own
         # shard of the batch (see _shard) and its own noise; a single process keeps the (seed, step) stream
         world, rank = (self.accelerator.num_processes, self.accelerator.process_index) if per_process else (1, 0)
         gen = torch.Generator().manual_seed(seed_mix(self.options.seed, step * world + rank))
-        with torch.no_grad():
-            pixels = batch["pixel_values"].to(device, dtype=self.vae.dtype)
-            posterior = self.vae.encode(pixels).latent_dist
-            latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device))
-            latents = latents * self.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=gen).to(device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        return noisy, timesteps, target, batch["input_ids"].to(device)
+        return self.family.prepare(self.pipe, self.noise_scheduler, batch, gen, self.accelerator.device)
 
-    def _loss(self, noisy, timesteps, target, input_ids, with_extra: bool = True) -> torch.Tensor:
+    def _loss(self, inputs: StepInputs, with_extra: bool = True) -> torch.Tensor:
         with self.accelerator.autocast():
-            hidden = self.text_encoder(input_ids, return_dict=False)[0]
-            prediction = self.unet(noisy, timesteps, hidden, return_dict=False)[0]
-        loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")
+            prediction = self.family.predict(self.models, inputs)
+        loss = self.family.loss(prediction, inputs)
         extra = self.method.extra_loss() if with_extra else None
         return loss + extra if extra is not None else loss
 
@@ -217,16 +212,15 @@ class Trainer:
     def train_step(self, batch) -> float:
         batch = self._shard(batch)
         step = self.step
-        self.unet.train()
-        self.text_encoder.train()
+        for model in self.models.values():
+            model.train()
         self.method.before_forward(step)
-        noisy, timesteps, target, input_ids = self._prepare_batch(batch, step)
-        loss = self._loss(noisy, timesteps, target, input_ids)
+        inputs = self._prepare_batch(batch, step)
+        loss = self._loss(inputs)
         self.accelerator.backward(loss)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        events = self.method.after_step(step, closure=lambda: self._loss(noisy, timesteps, target, input_ids,
-                                                                         with_extra=False))
+        events = self.method.after_step(step, closure=lambda: self._loss(inputs, with_extra=False))
         self._log_events(events)
         self.step += 1
         return float(loss.detach())
@@ -235,15 +229,15 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> float:
         """Mean loss over the validation set with fixed noise/timesteps (comparable across epochs)."""
-        self.unet.eval()
-        self.text_encoder.eval()
+        for model in self.models.values():
+            model.eval()
         total, count = 0.0, 0
         loader = torch.utils.data.DataLoader(self.validation_dataset, batch_size=self.options.batch_size)
         for index, batch in enumerate(loader):
-            noisy, timesteps, target, input_ids = self._prepare_batch(batch, -1 - index, per_process=False)
-            loss = self._loss(noisy, timesteps, target, input_ids, with_extra=False)
-            total += float(loss) * len(input_ids)
-            count += len(input_ids)
+            inputs = self._prepare_batch(batch, -1 - index, per_process=False)
+            loss = self._loss(inputs, with_extra=False)
+            total += float(loss) * len(inputs)
+            count += len(inputs)
         return total / max(count, 1)
 
     # ------------------------------------------------------------------ loop
@@ -383,4 +377,4 @@ class Trainer:
         best = self.output_dir / "best"
         self.method.save(best / ADAPTER_FILE, extra_metadata={"step": self.step, "epoch": epoch,
                                                               "validation_loss": validation})
-        self.method.export(best)
+        self.family.export(self.method, best)

@@ -60,3 +60,26 @@ def test_gpu_run_dry_run_succeeds_and_writes_summary(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert len(names) <= 8 and all(set(n) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                                                   "0123456789._-") for n in names), names
+
+
+def _harness_class():
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import harness
+
+    return harness.BenchHarness
+
+
+def test_paired_increment_within_noise_is_not_a_met_target():
+    """Differences scattered around zero (one round even negative): the bootstrap interval holds 0, so the
+    increment is unresolved; a clear positive shift is resolved. The fisher benchmark only divides by a
+    resolved positive increment, so a 20x target can no longer be "met" from noise."""
+    Harness = _harness_class()
+    baseline = [10.0, 10.4, 9.8, 10.1, 10.3, 9.9, 10.2, 10.0, 10.1, 9.7, 10.2]
+    noisy = [b + d for b, d in zip(baseline, [0.3, -0.31, 0.1, -0.2, 0.25, -0.1, 0.05, -0.3, 0.2, -0.05, 0.0])]
+    result = Harness.paired_difference(noisy, baseline)
+    assert result["ci_low_ms"] <= 0 <= result["ci_high_ms"] and not result["resolved"]
+    shifted = [b + 1.0 + 0.05 * (i % 3) for i, b in enumerate(baseline)]
+    result = Harness.paired_difference(shifted, baseline)
+    assert result["resolved"] and result["ci_low_ms"] > 0.9 and abs(result["median_ms"] - 1.05) < 1e-9
+    assert Harness.paired_difference(shifted, baseline) == result  # seeded: recomputable from the samples
+    assert Harness.target("x", None, 20.0, ">=", "")["met"] is None

@@ -59,7 +59,7 @@ def test_case_estimates_follow_the_dispatch_and_name_targets():
     shape = GPU_SHAPES[0]._asdict()
     params = {"shape": shape, "rank": 4, "capacity": 15, "dtype": "bf16", "mode": "fwd", "device": "cuda"}
     case = roofline.case_estimate("selora_linear", params, "NVIDIA H100 80GB HBM3")
-    assert case["forward_path"] == "fused" and case["ceilings"] == "H100"
+    assert case["forward_path"] == "fused" and case["ceilings"] == "H100 SXM"
     assert set(case["predicted_targets"]) == {"fwd_within_1.15x_of_frozen", "fwd_2x_faster_than_peft_at_64x64"}
     assert case["predicted_targets"]["fwd_2x_faster_than_peft_at_64x64"] > 2
     fisher = roofline.case_estimate("fisher", {**params, "mode": "fwd_bwd_fisher"}, "NVIDIA H200")
@@ -161,3 +161,44 @@ def test_bench_tables_render_measured_over_roofline():
     assert rows[0].endswith("ours / roofline |") and "1.25 (memory)" in rows[2] and rows[3].endswith("| - |")
     assert len({row.count("|") for row in rows}) == 1  # every row has every column
     assert "roofline" not in bench_tables.linear_table([without])[0]
+
+
+def test_per_gpu_table_and_unknown_gpus():
+    assert roofline.ceilings_for("NVIDIA A100-SXM4-40GB") is roofline.A100_40GB
+    assert roofline.ceilings_for("NVIDIA A100-SXM4-80GB") is roofline.A100_80GB
+    assert roofline.ceilings_for("NVIDIA H100 PCIe") is roofline.H100_PCIE
+    assert roofline.ceilings_for("NVIDIA H100 80GB HBM3") is roofline.H100
+    with pytest.raises(KeyError):
+        roofline.ceilings_for("NVIDIA GeForce RTX 4090")
+    # a memory-bound floor scales with the table's bandwidth
+    frozen = roofline.frozen(L1, "fwd")
+    assert frozen.summary(roofline.A100_40GB, launch_us=0)["floor_us"] == pytest.approx(
+        frozen.summary(roofline.H100, launch_us=0)["floor_us"] * 3.0 / 1.555, rel=1e-9)
+
+
+def test_model_is_labelled_and_never_below_the_floor():
+    for mode in ("fwd", "fwd_bwd"):
+        est = roofline.ours(L1, mode, "fused", measuring=mode == "fwd_bwd")
+        s = est.summary(roofline.H100)
+        assert s["estimate_kind"] == "floor" and s["model_kind"] == "model"
+        assert s["model_us"] >= s["estimate_us"]
+        # launches cost LAUNCH_US each in both
+        assert s["estimate_us"] - s["floor_us"] == pytest.approx(s["launches"] * roofline.LAUNCH_US)
+
+
+def test_wave_quantisation_hi_lo_dot_and_finalize_bytes():
+    # 133 programs on 132 SMs: two waves, the model time doubles over one full wave's worth
+    full = roofline.Estimate([roofline.Kernel("k", 0.0, 1e9, "bf16", programs=132)])
+    partial = roofline.Estimate([roofline.Kernel("k", 0.0, 1e9, "bf16", programs=133)])
+    assert partial.model_us(roofline.H100, launch_us=0) == pytest.approx(
+        full.model_us(roofline.H100, launch_us=0) * 2 * 132 / 133, rel=1e-9)
+    # bf16 expands the rank factor with two dots (hi + lo), fp32 with one
+    bf16 = roofline.ours_fused_forward(L1)[0]
+    fp32 = roofline.ours_fused_forward(roofline.Layer(32768, 320, 320, 4, 15, "fp32", 8))[0]
+    r_pad = 16
+    assert bf16.flops - fp32.flops == pytest.approx(2.0 * 32768 * r_pad * 320)
+    # finalize reads each fp32 partial once: 4 bytes per partial, plus the gradient written
+    kernels = {k.name: k for k in roofline.ours_fused_backward(L1, measuring=False)}
+    segment, finalize = kernels["segment reduce dA"], kernels["finalize dA"]
+    partial_bytes = segment.bytes - 4 * L1.rows * r_pad - L1.e * L1.rows * L1.d_in
+    assert finalize.bytes == pytest.approx(partial_bytes + L1.e * r_pad * L1.d_in)
