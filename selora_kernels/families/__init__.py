@@ -2,9 +2,9 @@
 
 `detect_family(folder_or_pipeline)` reads the pipeline class (model_index.json `_class_name`, or the loaded
 pipeline's class) and, where one class serves two families (Stable Diffusion 1.x / 2.x), the component
-configs. `get_family(name)` takes a family name ("sd1", "sd2", "pixart_sigma", "sd3", "sdxl") or "auto"
-with a pipeline. Growth, Fisher and the kernels never see a family: only the trainer and the fine-tune
-program do.
+configs. `get_family(name)` takes a family name ("sd1", "sd2", "pixart_sigma", "sd3", "sdxl", "sana",
+"flux") or "auto" with a pipeline. Growth, Fisher and the kernels never see a family: only the trainer and
+the fine-tune program do.
 """
 from __future__ import annotations
 
@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Dict
 
 from .base import DENOISER_PART, TEXT_PART, ModelFamily, StepInputs
+from .flux import Flux
 from .pixart import PixArtSigma
+from .sana import Sana
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 from .stable_diffusion import StableDiffusion1, StableDiffusion2
 
 FAMILIES: Dict[str, ModelFamily] = {family.name: family for family in (
-    StableDiffusion1(), StableDiffusion2(), PixArtSigma(), StableDiffusion3(), StableDiffusionXL())}
+    StableDiffusion1(), StableDiffusion2(), PixArtSigma(), StableDiffusion3(), StableDiffusionXL(), Sana(),
+    Flux())}
 AUTO = "auto"
 
 
@@ -73,4 +76,4 @@ def get_family(name: str, folder_or_pipeline=None) -> ModelFamily:
 
 __all__ = ["FAMILIES", "AUTO", "ModelFamily", "StepInputs", "DENOISER_PART", "TEXT_PART", "detect_family",
            "get_family", "StableDiffusion1", "StableDiffusion2", "PixArtSigma", "StableDiffusion3",
-           "StableDiffusionXL"]
+           "StableDiffusionXL", "Sana", "Flux"]

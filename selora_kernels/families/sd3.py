@@ -13,11 +13,12 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .base import DENOISER_PART, ModelFamily, StepInputs
+from .base import DENOISER_PART, StepInputs
+from .flow_matching import FlowMatchingFamily
 from .tiny import clip_text_config, seeded, t5_encoder, tiny_tokenizer, tiny_vae
 
 
-class StableDiffusion3(ModelFamily):
+class StableDiffusion3(FlowMatchingFamily):
     name = "sd3"
     title = "Stable Diffusion 3 / 3.5"
     pipeline_class_names = ("StableDiffusion3Pipeline",)
@@ -29,7 +30,6 @@ class StableDiffusion3(ModelFamily):
                        "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
     text_components = ("text_encoder", "text_encoder_2", "text_encoder_3")
     weighting_scheme = "logit_normal"
-    logit_mean, logit_std, mode_scale = 0.0, 1.0, 1.29
     precondition_outputs = True
     max_sequence_length = 77
 
@@ -58,33 +58,6 @@ class StableDiffusion3(ModelFamily):
             pipe.save_pretrained(folder)
         return pipe
 
-    def noise_scheduler(self, pipe):
-        from diffusers import FlowMatchEulerDiscreteScheduler  # heavy: imported when a run is set up
-
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-
-    def add_noise(self, scheduler, latents, generator):
-        from diffusers.training_utils import (compute_density_for_timestep_sampling,  # heavy: a run is set up
-                                              compute_loss_weighting_for_sd3)
-
-        device, batch = latents.device, latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        u = compute_density_for_timestep_sampling(self.weighting_scheme, batch, logit_mean=self.logit_mean,
-                                                  logit_std=self.logit_std, mode_scale=self.mode_scale,
-                                                  generator=generator)
-        indices = (u * scheduler.config.num_train_timesteps).long().clamp(max=len(scheduler.timesteps) - 1)
-        timesteps = scheduler.timesteps[indices].to(device)
-        sigmas = scheduler.sigmas[indices].to(device=device, dtype=latents.dtype).reshape(batch, 1, 1, 1)
-        noisy = (1.0 - sigmas) * latents + sigmas * noise
-        target = latents if self.precondition_outputs else noise - latents
-        weighting = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas)
-        return noisy, timesteps, target, (weighting, sigmas)
-
-    def prepare(self, pipe, scheduler, batch, generator, device) -> StepInputs:
-        inputs = super().prepare(pipe, scheduler, batch, generator, device)
-        inputs.weighting, inputs.condition["sigmas"] = inputs.weighting
-        return inputs
-
     def condition(self, pipe, batch, device) -> Dict[str, object]:
         captions = list(batch["caption"])
         embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=device,
@@ -97,6 +70,4 @@ class StableDiffusion3(ModelFamily):
         prediction = models[DENOISER_PART](inputs.noisy, encoder_hidden_states=condition["encoder_hidden_states"],
                                            pooled_projections=condition["pooled_projections"],
                                            timestep=inputs.timesteps, return_dict=False)[0]
-        if self.precondition_outputs:
-            prediction = prediction * (-inputs.condition["sigmas"]) + inputs.noisy
-        return prediction
+        return self.precondition(prediction, inputs)

@@ -19,7 +19,7 @@ from selora_kernels.methods import make_method
 from selora_kernels.training.trainer import Trainer, TrainOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ORDER = ("sd2", "pixart_sigma", "sd3", "sdxl")
+ORDER = ("sd2", "pixart_sigma", "sd3", "sdxl", "sana", "flux")
 
 
 def family_config(family) -> SeLoRAConfig:
@@ -109,8 +109,9 @@ def test_export_reloads_into_a_fresh_pipeline_and_predicts_alike(trained, tmp_pa
     assert relative(reloaded, expected) <= 1e-5, family.name
 
 
-def test_sd3_resume_is_exact(tmp_path):
-    family = FAMILIES["sd3"]
+@pytest.mark.parametrize("name", ["sd3", "sana", "flux"])  # the flow-matching families
+def test_resume_is_exact(name, tmp_path):
+    family = FAMILIES[name]
     folder = tmp_path / "tiny"
     family.build_tiny(folder, seed=0)
     _, straight, *_ = train(family, folder, tmp_path / "straight", steps=4)
@@ -175,3 +176,23 @@ def test_finetune_program_runs_a_family_with_its_preset(tmp_path):
     assert tensors and all(key.startswith("transformer.") for key in tensors)
     assert (tmp_path / "peft_lora" / "peft_transformer" / "adapter_config.json").is_file()
     assert detect_family(tmp_path / "tiny_pixart_sigma").name == "pixart_sigma"
+
+
+@pytest.mark.parametrize("name", ["sana", "flux"])
+def test_finetune_program_builds_the_tiny_pipeline_of_a_family(name, tmp_path):
+    from selora_kernels.experiments.finetune import FinetuneOptions, run_finetune
+    from selora_kernels.experiments.options import parse_options
+    from python.finetune import build_parser
+
+    parsed = parse_options(FinetuneOptions, ["--family", name, "--threshold", "1.0", "--interval", "1",
+                                             "--epochs", "1", "--max-steps", "1", "--batch-size", "2",
+                                             "--synthetic-count", "4", "--output-dir", str(tmp_path), "--no-progress"],
+                           build_parser())
+    result = run_finetune(parsed)
+    family = FAMILIES[name]
+    assert detect_family(tmp_path / f"tiny_{name}") is family
+    # the family's preset, denoiser only
+    assert result.ranks and all(module.startswith(f"{DENOISER_PART}.") and module.endswith(family.default_targets)
+                                for module in result.ranks)
+    tensors, _ = read_safetensors(tmp_path / "peft_lora" / PEFT_WEIGHT_NAME)
+    assert tensors and all(key.startswith("transformer.") for key in tensors)
