@@ -242,9 +242,9 @@ def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 13
     r_pad = launch_table.r_pad_for(statistics_width(layer.capacity, measuring))
     segments = layer.samples if measuring else 1
     tiles_in = math.ceil(i / launch_table.blocks_for("grad_x", d, m).block_n)
-    # the statistics: a zero fill when not measuring, written whole by the collect kernel when measuring
-    kernels = [] if measuring else [elementwise("fisher zeros", 0, 3 * (layer.capacity + 1), 4)]
-    kernels += [
+    # the statistics: zeroed by dA's finalize when not measuring, written whole by the collect kernel when
+    # measuring (no fill launch either way)
+    kernels = [
         Kernel("grad_x (emits P)", 2.0 * m * o * i + 2.0 * m * o * r_pad * tiles_in
                + _EXPAND_DOTS[d] * 2.0 * m * r_pad * i,
                e * (m * o + o * i + r_pad * (i + o) + m * i) + 4 * m * r_pad, d,
@@ -261,7 +261,9 @@ def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 13
                            4 * m * r_pad + e * m * depth + 4 * partials, d,
                            segments * chunks * math.ceil(depth / blocks.block_n), True),
                     # reads each fp32 partial once (4 B each), writes the gradient in the operand dtype
-                    elementwise(f"finalize {grad}", partials, r_pad * depth, 4, e)]
+                    # dA's finalize also zeroes the statistics when not measuring
+                    elementwise(f"finalize {grad}", partials, r_pad * depth + (
+                        3 * (layer.capacity + 1) if grad == "dA" and not measuring else 0), 4, e)]
     if measuring:  # _fisher_collect_kernel: per-tile sums of both reductions into the statistics
         tiles = sum(math.ceil(depth / launch_table.blocks_for("finalize", d).block_n) for depth in (i, o))
         kernels += [elementwise("fisher collect", tiles * r_pad, 3 * (layer.capacity + 1), 4)]

@@ -22,9 +22,9 @@ Launches (all deterministic: fixed-order reductions, no atomics):
   5. While measuring, `_fisher_collect_kernel` sums the per-tile Fisher sums in tile order and the shrink
      programs' counts of non-finite input rows, and writes the whole statistics tensor (layout:
      selora_kernels/fisher_stats.py).
-     One launch instead of five small torch ops: measuring then costs the same number of launches as not
-     measuring (the zero fill of the statistics is skipped), which is what the Fisher increment is made of
-     at small shapes (bench/roofline.py).
+     One launch instead of five small torch ops (launches are what the Fisher increment is made of at
+     small shapes, bench/roofline.py). Not measuring, program 0 of dA's finalize zeroes the statistics
+     tensor instead of a fill launch: 6 launches, 7 while measuring.
 """
 from __future__ import annotations
 
@@ -121,11 +121,18 @@ def _segment_reduce_kernel(low_rank_ptr, x_ptr, partial_ptr,
 
 @triton.jit
 def _finalize_grad_and_fisher_kernel(partial_ptr, grad_ptr, fisher_ptr,
-                     segments, chunks, depth, capacity, scale, fisher_factor,
+                     segments, chunks, depth, capacity, scale, fisher_factor, zero_count,
                      stride_gr, stride_gd,
                      FISHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
     # g_i = sum_c partial[i, c] (sample i's gradient / s); grad = s sum_i g_i; fisher[k] = sum_i sum_n (c g_i)^2
     pid = tl.program_id(0)
+    if not FISHER:
+        # not measuring: program 0 zeroes the first zero_count entries of the statistics tensor (fisher_ptr),
+        # which saves the fill launch of a torch.zeros
+        if pid == 0:
+            for start in range(0, zero_count, BLOCK_N):
+                offs = start + tl.arange(0, BLOCK_N)
+                tl.store(fisher_ptr + offs, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=offs < zero_count)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     slots = tl.arange(0, R_PAD)
     col_ok = offs_n < depth
@@ -235,9 +242,10 @@ class _ReducePlan:
 
 
 def _reduce(plan, which, low_rank, x, partial, grad, grad_strides, fisher_tiles, capacity, r_pad, scale,
-            segments, fisher_factor, measuring):
+            segments, fisher_factor, measuring, zero_stats=None):
     """grad (written in place through grad_strides) = s L^T X, split at sample boundaries; `which` is 0
-    for dA, 1 for dB. Per-tile Fisher sums go to fisher_tiles while measuring."""
+    for dA, 1 for dB. Per-tile Fisher sums go to fisher_tiles while measuring; otherwise `zero_stats`, when
+    given, is the statistics tensor the finalize launch zeroes."""
     depth = x.shape[1]
     _segment_reduce_kernel[(segments * plan.chunks, plan.tiles[which])](
         low_rank, x, partial, plan.segment_rows, plan.chunk_rows, plan.chunks, depth, x.stride(0), x.stride(1),
@@ -245,8 +253,9 @@ def _reduce(plan, which, low_rank, x, partial, grad, grad_strides, fisher_tiles,
         DOT_PRECISION=current_dot_precision(x.dtype), num_warps=plan.blocks.num_warps,
         num_stages=plan.blocks.num_stages)
     _finalize_grad_and_fisher_kernel[(plan.final_tiles[which],)](
-        partial, grad, fisher_tiles if measuring else partial, segments, plan.chunks, depth, capacity,
-        float(scale), float(fisher_factor), grad_strides[0], grad_strides[1],
+        partial, grad, fisher_tiles if measuring else (zero_stats if zero_stats is not None else partial),
+        segments, plan.chunks, depth, capacity, float(scale), float(fisher_factor),
+        0 if measuring or zero_stats is None else zero_stats.numel(), grad_strides[0], grad_strides[1],
         FISHER=measuring, R_PAD=r_pad, BLOCK_N=plan.final.block_n, num_warps=plan.final.num_warps,
         num_stages=plan.final.num_stages)
 
@@ -265,8 +274,9 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
     device = x.device
     if measuring and rows % num_samples:
         raise ValueError(f"{rows} input rows cannot be split into {num_samples} samples")
-    # Measuring: every entry is written by _fisher_collect_kernel, so no zero fill (one launch fewer).
-    allocate = torch.empty if measuring and rows and in_features and out_features else torch.zeros
+    # No fill launch: measuring, _fisher_collect_kernel writes every entry; not measuring, dA's finalize
+    # launch zeroes it. Empty inputs launch nothing and take torch.zeros.
+    allocate = torch.empty if rows and in_features and out_features else torch.zeros
     fisher = allocate(statistics_shape(capacity), dtype=torch.float32, device=device)
     grad_x = torch.empty(rows, in_features, dtype=x.dtype, device=device) if compute_grad_x else x.new_empty(0)
     grad_a = torch.empty(capacity, in_features, dtype=lora_a.dtype, device=device)
@@ -309,7 +319,7 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
     fisher_factor = scale * per_sample_multiplier
     fisher_a, fisher_b = (work["fisher_a"], work["fisher_b"]) if measuring else (None, None)
     _reduce(plan, 0, proj_grad, x, work["partial_a"], grad_a, (grad_a.stride(0), grad_a.stride(1)), fisher_a,
-            capacity, r_pad, scale, segments, fisher_factor, measuring)
+            capacity, r_pad, scale, segments, fisher_factor, measuring, zero_stats=fisher)
     _reduce(plan, 1, low_rank, grad_y, work["partial_b"], grad_b, (grad_b.stride(1), grad_b.stride(0)), fisher_b,
             capacity, r_pad, scale, segments, fisher_factor, measuring)
     if measuring:
