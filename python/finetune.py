@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from selora_kernels.experiments.finetune import FinetuneOptions, rank_summary, run_finetune
 from selora_kernels.experiments.options import options_parser, parse_options, report_user_errors
@@ -35,8 +36,9 @@ def finetune(options: FinetuneOptions) -> int:
     print(f"\n{result.steps} steps in {time.perf_counter() - began:.0f} s; best validation loss "
           f"{result.best_validation_loss:.5f}")
     print(rank_summary(result.ranks))
+    kohya = "kohya/, " if (Path(result.output_dir) / "kohya").is_dir() else ""
     print(f"outputs in {result.output_dir}: train_log.csv, expansions.csv, rank_heatmap.png, "
-          f"adapter.safetensors, peft_lora/, best/, checkpoints/, tensorboard/")
+          f"adapter.safetensors, peft_lora/, {kohya}best/, checkpoints/, tensorboard/")
     return 0
 
 

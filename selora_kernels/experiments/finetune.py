@@ -20,11 +20,14 @@ from ..data.datasets import DATASETS, build_datasets
 from ..data.tiny_pipeline import TINY_RESOLUTION, load_pipeline
 from ..evaluation.heatmaps import plot_rank_heatmaps
 from ..families import AUTO, FAMILIES, ModelFamily, get_family
+from ..integrations.kohya_export import KOHYA_FAMILIES, export_kohya, kohya_family
 from ..methods import METHODS, make_method
-from ..training.trainer import Trainer, TrainOptions, TrainResult, total_steps
+from ..training.trainer import (BASE_STORAGE_DTYPES, Trainer, TrainOptions, TrainResult, check_memory_options,
+                                total_steps)
 from .options import cli
 
 logger = logging.getLogger(__name__)
+EXPORT_FORMATS = ("peft", "kohya")
 
 
 def target_modules_arg(values):
@@ -74,12 +77,24 @@ class FinetuneOptions:
     log_every: Optional[int] = field(default=None, metadata=cli(
         "steps between log rows and checkpoints (None: the SeLoRA interval t)"))
     mixed_precision: str = field(default="no", metadata=cli(choices=("no", "bf16", "fp16")))
+    gradient_checkpointing: bool = field(default=False, metadata=cli(
+        "recompute the denoiser's (and an adapted text encoder's) activations in the backward (the models' own "
+        "switch, as diffusers' scripts): less activation memory for one more forward per step; SeLoRA's Fisher "
+        "scores and decisions are the same"))
+    base_storage_dtype: str = field(default="same", metadata=cli(
+        "frozen base weights: same (as loaded); bf16/fp16 (denoiser and text encoders; needs the same "
+        "--mixed-precision); float8_e4m3fn/float8_e5m2 (the denoiser's linear/conv layers stored in fp8, computed "
+        "in the --mixed-precision dtype, bf16 or fp16; the rest in it). Adapters and optimizer state stay fp32",
+        choices=BASE_STORAGE_DTYPES))
     seed: int = 0
     resume: Optional[str] = field(default=None, metadata=cli("a checkpoint folder or a previous --output-dir"))
     max_steps: Optional[int] = None
     progress: bool = True
     threads: Optional[int] = field(default=None, metadata=cli(
         "torch CPU threads (None: 1 for the tiny pipeline on CPU, else torch's choice)"))
+    export_format: str = field(default="peft", metadata=cli(
+        "peft: the peft/diffusers export (peft_lora/); kohya: also kohya/<output folder name>.safetensors, the "
+        f"kohya-ss / ComfyUI / A1111 layout (families {', '.join(KOHYA_FAMILIES)})", choices=EXPORT_FORMATS))
 
     def __post_init__(self):
         # checked here, not where they fail (a ZeroDivisionError in the step count, a PIL error in a resize):
@@ -100,6 +115,9 @@ class FinetuneOptions:
             raise ValueError(f"{option_flag('lr')} must be a finite number > 0, got {self.lr!r}")
         if self.dataset != "synthetic" and self.data_dir is None:
             raise ValueError(f"--dataset {self.dataset} needs --data-dir (the folder holding its files)")
+        check_memory_options(self.mixed_precision, self.base_storage_dtype)
+        if self.export_format == "kohya" and self.family != AUTO:
+            kohya_family(FAMILIES[self.family])  # ValueError naming the family, reported as a usage error
 
 
 def option_flag(name: str) -> str:
@@ -142,6 +160,11 @@ def family_config(family: ModelFamily, config: SeLoRAConfig) -> SeLoRAConfig:
     return config
 
 
+def kohya_file_stem(output: Path) -> str:
+    """The kohya file's name: the output folder's (tools list LoRAs by file name)."""
+    return output.resolve().name or "selora"
+
+
 def rank_summary(ranks) -> str:
     """A few lines: total, histogram of ranks, the largest modules."""
     total = sum(ranks.values())
@@ -161,6 +184,8 @@ def run_finetune(options: FinetuneOptions) -> TrainResult:
         torch.set_num_threads(threads)
     torch.manual_seed(options.seed)
     output = Path(options.output_dir)
+    if options.export_format == "kohya":  # an auto-detected family: checked before training, not after it
+        kohya_family(get_family(options.family, options.pretrained))
     output.mkdir(parents=True, exist_ok=True)
     family, pipe = load_family_pipeline(options, output)
     resolution = options.resolution or (TINY_RESOLUTION if options.pretrained is None else 224)
@@ -178,14 +203,20 @@ def run_finetune(options: FinetuneOptions) -> TrainResult:
     trainer = Trainer(pipe, method, train_set, validation_set, family=family, options=TrainOptions(
         output_dir=str(output), epochs=options.epochs, batch_size=options.batch_size, lr=options.lr,
         seed=options.seed, mixed_precision=options.mixed_precision, max_steps=options.max_steps,
-        log_every=options.log_every or options.selora.interval, resume=options.resume, progress=options.progress))
+        log_every=options.log_every or options.selora.interval, resume=options.resume, progress=options.progress,
+        gradient_checkpointing=options.gradient_checkpointing, base_storage_dtype=options.base_storage_dtype))
     result = trainer.train()
     ranks = result.ranks
     if not trainer.accelerator.is_main_process:
         return result  # every process holds the same adapters (all-reduced decisions): one writer
     (output / "final_ranks.json").write_text(json.dumps(ranks, indent=2))
     method.save(output / "adapter.safetensors", extra_metadata={"step": result.steps})
-    family.export(method, output / "peft_lora")
+    peft_path = family.export(method, output / "peft_lora")
+    if options.export_format == "kohya":
+        # SeLoRA's own modules give B in float64 (one rounding); other methods convert their peft export
+        source = method.components if method.name == "selora" else peft_path
+        export_kohya(source, output / "kohya" / f"{kohya_file_stem(output)}.safetensors", family,
+                     unet_config=family.denoiser(pipe).config)
     plot_rank_heatmaps(ranks, output / "rank_heatmap.png",
                        title=f"SeLoRA ranks after {result.steps} steps (lambda={selora.threshold}, "
                              f"t={selora.interval}, {selora.trial})")

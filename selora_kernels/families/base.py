@@ -55,7 +55,8 @@ class ModelFamily:
     lora_prefix = "unet"  # the key prefix the pipeline's load_lora_weights reads for the denoiser
     method_parts: Tuple[str, ...] = (DENOISER_PART,)
     default_targets: object = ("to_q", "to_k", "to_v", "to_out.0")
-    memory_option = "none yet (fp32/bf16 base)"
+    # the trainer's memory options (TrainOptions), the same for every family
+    memory_option = "--gradient-checkpointing; --base-storage-dtype bf16 / float8_e4m3fn / float8_e5m2"
     text_components: Tuple[str, ...] = ("text_encoder",)
     tiny_resolution = 64
 

@@ -1,1 +1,4 @@
-"""diffusers / transformers / peft integration."""
+"""diffusers / transformers / peft integration; `export_kohya` writes kohya-ss / ComfyUI LoRA files."""
+from .kohya_export import export_kohya
+
+__all__ = ["export_kohya"]

@@ -216,14 +216,16 @@ def _relative_modules(model: nn.Module) -> Dict[str, SeLoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SeLoRALinear)}
 
 
-def peft_state_dict(model: nn.Module, prefix: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def peft_state_dict(model: nn.Module, prefix: Optional[str] = None,
+                    dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
     """`[<prefix>.]<path>.lora_A.weight` (r x in) and `.lora_B.weight` (out x r, scale s folded in).
 
-    Without prefix it is what diffusers' `save_lora_weights(unet_lora_layers=...)` expects."""
+    Without prefix it is what diffusers' `save_lora_weights(unet_lora_layers=...)` expects. dtype: float64
+    lets a converter (kohya_export) fold further factors into B before the one rounding to float32."""
     tensors = {}
     for path, module in _relative_modules(model).items():
         path = f"{prefix}.{path}" if prefix else path
-        tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"] = module.live_factors(torch.float32)
+        tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"] = module.live_factors(dtype)
     return tensors
 
 

@@ -59,6 +59,9 @@ class SeLoRALayer(SeLoRALinear, BaseTunerLayer):
     # loops have nothing to do, the tuner below selects and loads them
     adapter_layer_names = ()
     other_param_names = ()
+    # peft's layers have this flag, which diffusers' layerwise casting toggles (disable_input_dtype_casting);
+    # SeLoRA never casts its input, the flag only has to exist
+    cast_input_dtype_enabled = True
 
     @classmethod
     def from_config(cls, linear: nn.Linear, config: SeLoRAConfig, adapter_name: str, name: str) -> "SeLoRALayer":

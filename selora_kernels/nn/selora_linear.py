@@ -202,8 +202,11 @@ class SeLoRALinear(nn.Module):
 
     def _check_single_use(self, grad: torch.Tensor) -> None:
         # Per-sample Fisher squares each sample's gradient of this module; a module applied twice to one sample
-        # would get the sum of per-use squares, not the square of the summed gradient. A gradient-checkpointing
-        # recompute builds no second graph node, so this counts real uses only.
+        # would get the sum of per-use squares, not the square of the summed gradient. Gradient checkpointing
+        # runs the forward twice but this hook (and the Fisher backward) once: torch.utils.checkpoint's
+        # non-reentrant recompute only refills saved tensors (no backward runs through its graph); the reentrant
+        # one's first forward runs without grad (nothing measured, no hook) and its recompute's backward is a
+        # nested graph task of its own. So this counts real uses only (tests/training/test_memory_options.py).
         task = torch._C._current_graph_task_id()
         if task != -1 and task == self._measured_task:
             raise RuntimeError(f"{self.selora_name} was applied more than once in one forward while measuring "

@@ -43,7 +43,7 @@ MANIFEST_FORMAT = "selora_checkpoint_manifest"
 LOCK_FILE = ".lock"
 # what a run writes into its output folder (the tiny pipeline cache is shared and stays)
 RUN_OUTPUTS = (CHECKPOINT_DIR, "best", "tensorboard", "train_log.csv", "validation.csv", "expansions.csv",
-               ADAPTER_FILE, "peft_lora", "final_ranks.json", "rank_heatmap.png")
+               ADAPTER_FILE, "peft_lora", "kohya", "final_ranks.json", "rank_heatmap.png")
 
 
 def checkpoint_name(step: int) -> str:

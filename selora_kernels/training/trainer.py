@@ -8,6 +8,12 @@ optimizer step, the method's hook (SeLoRA: the expansion test every t steps). Va
 the best adapter. Every `log_every` steps a log row goes to CSV and TensorBoard; every `checkpoint_every`
 steps an atomic checkpoint (adapter, optimizer, step, method state; see checkpoints.py) is written, so a
 crash loses at most the steps since the last one.
+
+Memory options (TrainOptions): `gradient_checkpointing` recomputes the adapted parts' activations in the
+backward (the denoiser's own enable_gradient_checkpointing, as diffusers' training scripts do; SeLoRA's
+Fisher is the same with or without it); `base_storage_dtype` holds the frozen base weights in bf16/fp16
+(diffusers' scripts' weight_dtype) or the denoiser's layers in fp8 (diffusers' enable_layerwise_casting),
+the adapters and their optimizer state staying fp32 (as the scripts' cast_training_params).
 """
 from __future__ import annotations
 
@@ -33,6 +39,76 @@ from .checkpoints import (ADAPTER_FILE, CHECKPOINT_DIR, checkpoint_name, load_ch
 
 logger = logging.getLogger(__name__)
 
+# --base-storage-dtype: the dtype the frozen base weights are held in ("same": as the pipeline was loaded)
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FP8_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+BASE_STORAGE_DTYPES = ("same",) + tuple(HALF_DTYPES) + tuple(FP8_DTYPES)
+CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
+                torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+
+
+def check_memory_options(mixed_precision: str, base_storage_dtype: str) -> None:
+    """Raises ValueError for a base storage dtype the run cannot compute with: a half-precision base needs
+    autocast in that dtype (SeLoRALinear computes in the autocast dtype, or else wants the input in the base
+    weight's dtype), fp8 needs bf16 or fp16 autocast (its compute dtype)."""
+    if base_storage_dtype not in BASE_STORAGE_DTYPES:
+        raise ValueError(f"base_storage_dtype must be one of {BASE_STORAGE_DTYPES}, got {base_storage_dtype!r}")
+    if base_storage_dtype in HALF_DTYPES and mixed_precision != base_storage_dtype:
+        raise ValueError(f"--base-storage-dtype {base_storage_dtype} needs --mixed-precision {base_storage_dtype} "
+                         f"(the base is computed in its own dtype), got --mixed-precision {mixed_precision}")
+    if base_storage_dtype in FP8_DTYPES and mixed_precision not in HALF_DTYPES:
+        raise ValueError(f"--base-storage-dtype {base_storage_dtype} stores the denoiser's weights in fp8 and "
+                         f"computes in the --mixed-precision dtype: use --mixed-precision bf16 (or fp16), got "
+                         f"{mixed_precision}")
+
+
+def cast_frozen_base(module: torch.nn.Module, dtype: torch.dtype, base_tensors) -> None:
+    """Casts, in place, the floating parameters and buffers of `module` whose ids are in `base_tensors` (what
+    the model held before the adapters were injected) to `dtype`. Adapter parameters and buffers (SeLoRA's
+    A, B and trial row) keep their dtype: module.to(dtype) followed by diffusers' cast_training_params would
+    round the adapters' initial values through `dtype`."""
+    for owner in module.modules():
+        for name, param in owner.named_parameters(recurse=False):
+            if id(param) in base_tensors and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)  # the same Parameter object: hooks and references hold
+        for name, buffer in owner.named_buffers(recurse=False):
+            if id(buffer) in base_tensors and buffer.is_floating_point() and buffer.dtype != dtype:
+                owner._buffers[name] = buffer.to(dtype)
+
+
+def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
+    """Gradient checkpointing through the model's own switch: diffusers models' enable_gradient_checkpointing
+    (non-reentrant torch.utils.checkpoint), transformers text encoders' with use_reentrant=False: a reentrant
+    checkpoint whose inputs need no gradient (frozen embeddings) would give the adapters inside none."""
+    if hasattr(module, "enable_gradient_checkpointing"):
+        module.enable_gradient_checkpointing()
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x name of the switch
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(module, "gradient_checkpointing_enable"):
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"--gradient-checkpointing: {type(module).__name__} has no gradient checkpointing switch")
+
+
+def store_layers_in_fp8(denoiser: torch.nn.Module, storage_dtype: torch.dtype, compute_dtype: torch.dtype,
+                        checkpointing: bool) -> None:
+    """The denoiser's frozen linear/conv layers stored in `storage_dtype`, cast to `compute_dtype` around each
+    forward: diffusers' ModelMixin.enable_layerwise_casting, with its skip patterns (norms, patch and position
+    embeddings, proj_in/out, the model's own list) and peft's adapter layers skipped."""
+    if not hasattr(denoiser, "enable_layerwise_casting"):
+        raise ValueError(f"fp8 base storage: the denoiser {type(denoiser).__name__} is not a diffusers model "
+                         f"(no enable_layerwise_casting)")
+    # diffusers hooks nn.Linear/Conv/Embedding leaves only: SeLoRA's base_layer is one, while its A, B and trial
+    # row are tensors of the SeLoRALinear around it and stay fp32. SeLoRALinear reads base_layer.weight itself
+    # (no hook runs) and casts it to the autocast dtype, so the run needs autocast (check_memory_options).
+    # A convolution saves its weight Parameter itself, and torch's non-reentrant recompute keeps a tensor that
+    # needs no gradient by reference: diffusers' hook has put the fp8 data back by the time the backward reads
+    # it (CheckpointError). Under gradient checkpointing the convolutions stay in the compute dtype.
+    denoiser.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=compute_dtype,
+                                      skip_modules_classes=CONVOLUTIONS if checkpointing else None)
+
 
 @dataclass
 class TrainOptions:
@@ -49,6 +125,9 @@ class TrainOptions:
     resume: Optional[str] = None  # a checkpoint folder, or an output folder (its latest checkpoint)
     progress: bool = True
     tensorboard: bool = True
+    gradient_checkpointing: bool = False  # recompute the adapted parts' activations in the backward
+    # frozen base weights: "same" (as loaded), "bf16"/"fp16" (all but the VAE), fp8 (the denoiser's layers)
+    base_storage_dtype: str = "same"
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "log_every"):
@@ -58,6 +137,7 @@ class TrainOptions:
             raise ValueError(f"mixed_precision must be no/fp32, bf16 or fp16, got {self.mixed_precision!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        check_memory_options(self.mixed_precision, self.base_storage_dtype)
 
 
 @dataclass
@@ -107,7 +187,10 @@ class Trainer:
         for module in self.frozen:
             module.requires_grad_(False)
         self.train_dataset, self.validation_dataset = train_dataset, validation_dataset
+        # what the adapted parts hold before the adapters go in: the frozen base that base_storage_dtype casts
+        base_tensors = {id(t) for module in parts.values() for t in (*module.parameters(), *module.buffers())}
         method.inject(parts)
+        self._apply_memory_options(pipe, method, parts, base_tensors)
         if not options.resume:
             self._move_previous_run_aside()
         if torch.cuda.is_available():
@@ -137,6 +220,35 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter  # tensorboard: only when its log is wanted
 
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    def _apply_memory_options(self, pipe, method, parts, base_tensors) -> None:
+        """base_storage_dtype and gradient_checkpointing, on the injected model before accelerate wraps it."""
+        options = self.options
+        if options.base_storage_dtype != "same":
+            # bf16/fp16 base: that dtype; fp8: the compute dtype, then the denoiser's layers stored in fp8
+            dtype = HALF_DTYPES.get(options.base_storage_dtype) or HALF_DTYPES[options.mixed_precision]
+            for module in parts.values():
+                cast_frozen_base(module, dtype, base_tensors)
+            for module in self.frozen:
+                # the VAE, small next to the denoiser and text encoders, keeps the pipeline's dtype: latents as
+                # exact as without the option (diffusers' SDXL script keeps its VAE in fp32 too)
+                if module is not getattr(pipe, "vae", None):
+                    module.to(dtype)
+            for param in method.trainable_parameters():  # fp32 adapters, even on a pipeline loaded in half
+                if param.dtype != torch.float32:
+                    param.data = param.data.float()
+            if options.base_storage_dtype in FP8_DTYPES:
+                store_layers_in_fp8(parts[DENOISER_PART], FP8_DTYPES[options.base_storage_dtype], dtype,
+                                    options.gradient_checkpointing)
+                if not options.gradient_checkpointing:
+                    logger.warning("--base-storage-dtype %s without --gradient-checkpointing: the backward keeps "
+                                   "the %s copy every layer computed with, so the peak memory is not below a "
+                                   "%s base; add --gradient-checkpointing", options.base_storage_dtype,
+                                   options.mixed_precision, options.mixed_precision)
+        if options.gradient_checkpointing:
+            for part, module in parts.items():
+                if part in method.parts:  # an unadapted part has nothing to recompute for
+                    enable_gradient_checkpointing(module)
 
     # ------------------------------------------------------------------ output folder
     def _on_main(self, work):
