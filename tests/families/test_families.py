@@ -109,7 +109,7 @@ def test_export_reloads_into_a_fresh_pipeline_and_predicts_alike(trained, tmp_pa
     assert relative(reloaded, expected) <= 1e-5, family.name
 
 
-@pytest.mark.parametrize("name", ["sd3", "sana", "flux"])  # the flow-matching families
+@pytest.mark.parametrize("name", ORDER)
 def test_resume_is_exact(name, tmp_path):
     family = FAMILIES[name]
     folder = tmp_path / "tiny"
