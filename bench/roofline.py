@@ -236,37 +236,39 @@ def ours_merged_forward(layer: Layer) -> List[Kernel]:
 
 
 def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 132) -> List[Kernel]:
-    """kernels/selora_linear_backward.py: grad_x (emits P), shrink (U), a segment reduction and a finalize
-    for each of dA and dB, and the Fisher collect while measuring."""
+    """kernels/selora_linear_backward.py: shrink (U), grad_x (emits P and dB's per-row-tile partials), dA's
+    segment reduction, a finalize for each of dA and dB, and the Fisher collect while measuring."""
     m, i, o, e, d = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype
     r_pad = launch_table.r_pad_for(statistics_width(layer.capacity, measuring))
     segments = layer.samples if measuring else 1
-    tiles_in = math.ceil(i / launch_table.blocks_for("grad_x", d, m).block_n)
-    # the statistics: zeroed by dA's finalize when not measuring, written whole by the collect kernel when
-    # measuring (no fill launch either way)
+    grad_x_blocks = launch_table.blocks_for("grad_x", d, m)
+    tiles_in = math.ceil(i / grad_x_blocks.block_n)
+    row_tiles = math.ceil(m / grad_x_blocks.block_m)
+    partials_b = (row_tiles + segments - 1) * r_pad * o
+    # the statistics: written whole by the collect kernel when measuring, zeroed by dA's finalize otherwise
+    # (no fill launch either way)
     kernels = [
-        Kernel("grad_x (emits P)", 2.0 * m * o * i + 2.0 * m * o * r_pad * tiles_in
-               + _EXPAND_DOTS[d] * 2.0 * m * r_pad * i,
-               e * (m * o + o * i + r_pad * (i + o) + m * i) + 4 * m * r_pad, d,
-               math.ceil(m / launch_table.blocks_for("grad_x", d, m).block_m) * tiles_in, True),
         Kernel("shrink U = x A_ext^T", 2.0 * m * i * r_pad, e * (m * i + r_pad * i) + 4 * m * r_pad, d,
                math.ceil(m / launch_table.blocks_for("shrink", d).block_m), True),
+        Kernel("grad_x (emits P, dB partials)", 2.0 * m * o * i + 2.0 * m * o * r_pad * tiles_in
+               + _EXPAND_DOTS[d] * 2.0 * m * r_pad * (i + o),
+               e * (m * o + o * i + r_pad * (i + o) + m * i) + 4 * m * r_pad * 2 + 4 * partials_b, d,
+               row_tiles * tiles_in, True),
     ]
     blocks = launch_table.blocks_for("segment_reduce", d)
-    tiles = math.ceil(i / blocks.block_n) + math.ceil(o / blocks.block_n)
-    chunks, _ = launch_table.segment_chunks(m // segments, segments, tiles, blocks, 2 * multiprocessors)
-    for grad, depth in (("dA", i), ("dB", o)):  # one chunk plan for both reductions
-        partials = segments * chunks * r_pad * depth
-        kernels += [Kernel(f"segment reduce {grad}", _EXPAND_DOTS[d] * 2.0 * m * r_pad * depth,
-                           4 * m * r_pad + e * m * depth + 4 * partials, d,
-                           segments * chunks * math.ceil(depth / blocks.block_n), True),
-                    # reads each fp32 partial once (4 B each), writes the gradient in the operand dtype
-                    # dA's finalize also zeroes the statistics when not measuring
-                    elementwise(f"finalize {grad}", partials, r_pad * depth + (
-                        3 * (layer.capacity + 1) if grad == "dA" and not measuring else 0), 4, e)]
+    tiles_a = math.ceil(i / blocks.block_n)
+    chunks, _ = launch_table.segment_chunks(m // segments, segments, tiles_a, blocks, 2 * multiprocessors)
+    partials_a = segments * chunks * r_pad * i
+    stats = 3 * (layer.capacity + 1)
+    kernels += [Kernel("segment reduce dA", _EXPAND_DOTS[d] * 2.0 * m * r_pad * i,
+                       4 * m * r_pad + e * m * i + 4 * partials_a, d, segments * chunks * tiles_a, True),
+                # each reads its fp32 partials once (4 B each) and writes the gradient in the operand dtype;
+                # dA's also zeroes the statistics when not measuring
+                elementwise("finalize dA", partials_a, r_pad * i + (0 if measuring else stats), 4, e),
+                elementwise("finalize dB", partials_b, r_pad * o, 4, e)]
     if measuring:  # _fisher_collect_kernel: per-tile sums of both reductions into the statistics
         tiles = sum(math.ceil(depth / launch_table.blocks_for("finalize", d).block_n) for depth in (i, o))
-        kernels += [elementwise("fisher collect", tiles * r_pad, 3 * (layer.capacity + 1), 4)]
+        kernels += [elementwise("fisher collect", tiles * r_pad, stats, 4)]
     return kernels
 
 

@@ -147,15 +147,15 @@ def _launch_config(launch) -> launch_table.LaunchConfig:
     elif kernel == "shrink":
         blocks = launch_table.Blocks(kw["BLOCK_M"], 0, kw["BLOCK_K"], warps, stages)
         size = "any"
-        # P = dy B reads B's columns (unit slot stride); U = x A_ext^T reads A's rows
-        operand = "B" if not kw["HAS_TRIAL"] and bound["stride_sr"] == 1 and bound["stride_sd"] != 1 else "A"
+        # P = dy B (which emits dB's partials) or U = x A_ext^T
+        operand = "B" if kw["EMIT_RANK_PARTIAL"] else "A"
         flags = (("DOT_PRECISION", kw["DOT_PRECISION"]), ("OPERAND", operand), ("HAS_TRIAL", kw["HAS_TRIAL"]))
     elif kernel == "segment_reduce":
         blocks, size = launch_table.Blocks(0, kw["BLOCK_N"], kw["BLOCK_T"], warps, stages), "any"
         flags = (("DOT_PRECISION", kw["DOT_PRECISION"]),)
     elif kernel == "finalize":
-        blocks, size, flags = launch_table.Blocks(0, kw["BLOCK_N"], 0, warps, stages), "any", \
-            (("FISHER", kw["FISHER"]),)
+        blocks, size, flags = launch_table.Blocks(kw["BLOCK_P"], kw["BLOCK_N"], 0, warps, stages), "any", \
+            (("FISHER", kw["FISHER"]), ("ROW_TILES", kw["ROW_TILES"]))
     else:
         blocks, size, flags = launch_table.Blocks(0, kw["BLOCK"], 0, warps, stages), "any", ()
     return launch_table.LaunchConfig(kernel, dtype, r_pad, blocks, size, flags)

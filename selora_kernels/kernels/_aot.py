@@ -59,10 +59,12 @@ def _forward_spec(config: LaunchConfig):
     else:
         unit.update(stride_wn=1, stride_rr=1, stride_en=1)
     constexprs = dict(HAS_BIAS=has_bias, MASK_LIVE=not is_forward, EMIT_LOW_RANK=not is_forward,
+                      EMIT_RANK_PARTIAL=not is_forward,
                       R_PAD=config.r_pad, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k,
                       GROUP_M=launch_table.GROUP_M, DOT_PRECISION=flags.get("DOT_PRECISION", "tf32"), **unit)
     pointer_types = {"x_ptr": dtype, "wt_ptr": dtype, "bias_ptr": dtype, "rank_in_ptr": dtype,
-                     "rank_out_ptr": dtype, "live_rank_ptr": "i64", "low_rank_ptr": "fp32", "out_ptr": dtype}
+                     "rank_out_ptr": dtype, "live_rank_ptr": "i64", "low_rank_ptr": "fp32", "out_ptr": dtype,
+                     "u_ptr": "fp32", "partial_ptr": "fp32"}
     signature, attrs = aot_signature(fn.arg_names, pointer_types, constexprs)
     return fn, signature, constexprs, attrs
 
@@ -76,10 +78,11 @@ def _backward_spec(config: LaunchConfig):
     if config.kernel == "shrink":
         # operand "A": U = x A_ext^T (A rows contiguous); operand "B": P = dy B (B columns strided)
         unit_stride = dict(stride_sd=1) if flags["OPERAND"] == "A" else dict(stride_sr=1)
-        constexprs = dict(HAS_TRIAL=bool(flags["HAS_TRIAL"]), R_PAD=config.r_pad, BLOCK_M=b.block_m,
-                          BLOCK_K=b.block_k, DOT_PRECISION=precision, stride_xd=1, **unit_stride)
+        constexprs = dict(HAS_TRIAL=bool(flags["HAS_TRIAL"]), EMIT_RANK_PARTIAL=flags["OPERAND"] == "B",
+                          R_PAD=config.r_pad, BLOCK_M=b.block_m, BLOCK_K=b.block_k, DOT_PRECISION=precision,
+                          stride_xd=1, **unit_stride)
         pointers = {"x_ptr": dtype, "slot_rows_ptr": dtype, "trial_row_ptr": dtype, "live_rank_ptr": "i64",
-                    "out_ptr": "fp32", "nonfinite_ptr": "fp32"}
+                    "out_ptr": "fp32", "nonfinite_ptr": "fp32", "u_ptr": "fp32", "partial_ptr": "fp32"}
         floats = ()
     elif config.kernel == "segment_reduce":
         constexprs = dict(R_PAD=config.r_pad, BLOCK_N=b.block_n, BLOCK_T=b.block_k, DOT_PRECISION=precision,
@@ -88,7 +91,8 @@ def _backward_spec(config: LaunchConfig):
         floats = ()
     elif config.kernel == "finalize":
         # grad_a is written row-major, grad_b through its transpose: leave both strides unspecialised
-        constexprs = dict(FISHER=bool(flags["FISHER"]), R_PAD=config.r_pad, BLOCK_N=b.block_n)
+        constexprs = dict(FISHER=bool(flags["FISHER"]), ROW_TILES=bool(flags["ROW_TILES"]), R_PAD=config.r_pad,
+                          BLOCK_P=b.block_m, BLOCK_N=b.block_n)
         pointers = {"partial_ptr": "fp32", "grad_ptr": dtype, "fisher_ptr": "fp32"}
         floats = ("scale", "fisher_factor")
     elif config.kernel == "fisher_collect":

@@ -89,6 +89,14 @@ _GEMM_BLOCKS = {
     ("bf16", "small"): Blocks(32, 64, 64, 8, 3),
     ("fp32", "small"): Blocks(32, 64, 16, 8, 3),
 }
+# grad_x also emits dB's partials after its main loop (a second pass over its row tile of dy), which adds
+# fp32 rank operands: where the forward's tile then spilled (fp16 R_PAD 32 at 128 rows: 8 B on sm_80; fp32
+# IEEE small at R_PAD 16: 8 B) grad_x takes its own tile. bf16 keeps 128 rows (fewer dB partials).
+_GRAD_X_BLOCKS = {
+    **_GEMM_BLOCKS,
+    ("fp16", "large"): Blocks(64, 64, 32, 8, 4),
+    ("fp32", "small"): Blocks(32, 64, 16, 4, 3),
+}
 _SHRINK_BLOCKS = {  # (M x D) @ (D x R_PAD): one program per row tile loops over all of D
     "fp16": Blocks(64, 0, 64, 4, 3),
     "bf16": Blocks(64, 0, 64, 4, 3),
@@ -99,7 +107,8 @@ _SEGMENT_BLOCKS = {  # (R_PAD x tokens) @ (tokens x BN) per sample chunk; block_
     "bf16": Blocks(0, 64, 64, 4, 3),
     "fp32": Blocks(0, 64, 32, 4, 3),
 }
-_FINALIZE_BLOCKS = Blocks(0, 64, 0, 4, 1)  # elementwise sum/square over fp32 partials
+# per (depth tile, slot): block_m = pieces summed per load (a fixed tree), block_n = depth per program
+_FINALIZE_BLOCKS = Blocks(32, 64, 0, 4, 1)
 _COLLECT_BLOCKS = Blocks(0, 128, 0, 1, 1)  # one program: per-tile Fisher sums, 128 row counts per step
 
 
@@ -117,8 +126,10 @@ def size_class(rows: int) -> str:
 
 def blocks_for(kernel: str, dtype: str, rows: int = 0) -> Blocks:
     """The block sizes a launcher uses for `kernel` on `dtype` operands and `rows` tokens."""
-    if kernel in ("forward", "grad_x"):
+    if kernel == "forward":
         return _GEMM_BLOCKS[(dtype, size_class(rows))]
+    if kernel == "grad_x":
+        return _GRAD_X_BLOCKS[(dtype, size_class(rows))]
     if kernel == "shrink":
         return _SHRINK_BLOCKS[dtype]
     if kernel == "segment_reduce":
@@ -132,8 +143,7 @@ def blocks_for(kernel: str, dtype: str, rows: int = 0) -> Blocks:
 
 def segment_chunks(segment_rows: int, segments: int, column_tiles: int, blocks: Blocks,
                    target_programs: int) -> Tuple[int, int]:
-    """(chunks per sample, rows per chunk) of the segment reduction over `column_tiles` column tiles (dA's
-    and dB's together): about `target_programs` programs in all (two waves on a GPU), chunk boundaries on
+    """(chunks per sample, rows per chunk) of dA's segment reduction over `column_tiles` column tiles: about `target_programs` programs in all (two waves on a GPU), chunk boundaries on
     BLOCK_T multiples, never a chunk across samples."""
     chunks = max(1, min(-(-segment_rows // blocks.block_k), -(-target_programs // (segments * column_tiles))))
     chunk_rows = -(-(-(-segment_rows // chunks)) // blocks.block_k) * blocks.block_k
@@ -160,17 +170,19 @@ def all_launch_configs() -> Iterator[LaunchConfig]:
             for precision in _precisions(dtype):
                 dot = (("DOT_PRECISION", precision),)
                 for size in ("large", "small"):
-                    blocks = _GEMM_BLOCKS[(dtype, size)]
                     for has_bias in (True, False):
-                        yield LaunchConfig("forward", dtype, r_pad, blocks, size,
+                        yield LaunchConfig("forward", dtype, r_pad, _GEMM_BLOCKS[(dtype, size)], size,
                                            dot + (("HAS_BIAS", has_bias),))
-                    yield LaunchConfig("grad_x", dtype, r_pad, blocks, size, dot)
-                # U = x A_ext^T (trial slot live only while measuring); P = dy B when grad_x is skipped
+                    yield LaunchConfig("grad_x", dtype, r_pad, _GRAD_X_BLOCKS[(dtype, size)], size, dot)
+                # U = x A_ext^T (trial slot live only while measuring); P = dy B when grad_x is skipped (it
+                # also emits dB's partials)
                 for operand, with_trial in (("A", False), ("A", True), ("B", False)):
                     yield LaunchConfig("shrink", dtype, r_pad, _SHRINK_BLOCKS[dtype], "any",
                                        dot + (("OPERAND", operand), ("HAS_TRIAL", with_trial)))
                 yield LaunchConfig("segment_reduce", dtype, r_pad, _SEGMENT_BLOCKS[dtype], "any", dot)
             for fisher in (False, True):
-                yield LaunchConfig("finalize", dtype, r_pad, _FINALIZE_BLOCKS, "any", (("FISHER", fisher),))
+                for row_tiles in (False, True):  # dA's chunk partials, dB's row-tile partials
+                    yield LaunchConfig("finalize", dtype, r_pad, _FINALIZE_BLOCKS, "any",
+                                       (("FISHER", fisher), ("ROW_TILES", row_tiles)))
     for r_pad in R_PADS:  # fp32 statistics whatever the operand dtype
         yield LaunchConfig("fisher_collect", "fp32", r_pad, _COLLECT_BLOCKS, "any")

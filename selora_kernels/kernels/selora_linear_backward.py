@@ -38,7 +38,8 @@ import triton.language as tl
 from ..fisher_stats import (FISHER_COL_NONFINITE, FISHER_COL_SAMPLES, FISHER_ROW_A, FISHER_ROW_B,
                             FISHER_ROW_COUNT, statistics_shape, statistics_width)
 from . import launch_table
-from .selora_linear_forward import _fp32_rank_dot, current_dot_precision, dtype_name, launch_fused_lowrank_matmul
+from .selora_linear_forward import (_fp32_rank_dot, _store_rank_partials, current_dot_precision, dtype_name,
+                                    launch_fused_lowrank_matmul)
 
 # The statistics layout as compile-time constants of _fisher_collect_kernel (jit functions read only
 # constexpr globals).
@@ -50,12 +51,13 @@ _COL_NONFINITE = tl.constexpr(FISHER_COL_NONFINITE)
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, slot_rows_ptr, trial_row_ptr, live_rank_ptr, out_ptr, nonfinite_ptr,
-                   rows, depth, capacity,
+def _shrink_kernel(x_ptr, slot_rows_ptr, trial_row_ptr, live_rank_ptr, out_ptr, nonfinite_ptr, u_ptr,
+                   partial_ptr, rows, depth, capacity, segment_rows,
                    stride_xm, stride_xd, stride_sr, stride_sd,
-                   HAS_TRIAL: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   HAS_TRIAL: tl.constexpr, EMIT_RANK_PARTIAL: tl.constexpr, R_PAD: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # out[m, k] = mask_k * sum_d X[m, d] S[k, d]; S = slot rows (k < capacity) + trial row (k = capacity).
+    # P = dy B without grad_x (EMIT_RANK_PARTIAL) also emits dB's partials U^T dy from the same dy tiles.
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -80,6 +82,15 @@ def _shrink_kernel(x_ptr, slot_rows_ptr, trial_row_ptr, live_rank_ptr, out_ptr, 
         live = live | (slots == capacity)
     acc = tl.where(live[None, :], acc, 0.0)
     tl.store(out_ptr + offs_m[:, None] * R_PAD + slots[None, :], acc, mask=row_ok[:, None])
+    if EMIT_RANK_PARTIAL:
+        # a second pass over this row tile of dy (from L2): inside the main loop it spilled at R_PAD 32
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xd
+        for k in range(0, tl.cdiv(depth, BLOCK_K)):
+            k_ok = offs_k < depth - k * BLOCK_K
+            x_tile = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            _store_rank_partials(u_ptr, x_tile, partial_ptr, pid, offs_m, row_ok, k * BLOCK_K + offs_k, k_ok,
+                                 rows, segment_rows, depth, R_PAD, BLOCK_M, DOT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xd
     if HAS_TRIAL:
         # measuring: count the rows of x holding inf/NaN. Their trial column x . trial_row is not finite (a
         # non-finite entry times any weight, zero included, is inf or NaN); the live columns are left out so
@@ -121,38 +132,50 @@ def _segment_reduce_kernel(low_rank_ptr, x_ptr, partial_ptr,
 
 @triton.jit
 def _finalize_grad_and_fisher_kernel(partial_ptr, grad_ptr, fisher_ptr,
-                     segments, chunks, depth, capacity, scale, fisher_factor, zero_count,
-                     stride_gr, stride_gd,
-                     FISHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
-    # g_i = sum_c partial[i, c] (sample i's gradient / s); grad = s sum_i g_i; fisher[k] = sum_i sum_n (c g_i)^2
-    pid = tl.program_id(0)
+                     segments, chunks, segment_rows, piece_rows, depth, capacity, scale, fisher_factor,
+                     zero_count, stride_gr, stride_gd,
+                     FISHER: tl.constexpr, ROW_TILES: tl.constexpr, R_PAD: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program per (depth tile, slot k). g_i = sum of sample i's pieces (its gradient / s);
+    # grad[k] = s sum_i g_i; fisher tile[k] = sum_i sum_n (c g_i)^2. Pieces of sample i: chunks i*chunks ..
+    # (dA, segment reduction), or with ROW_TILES the row tiles of piece_rows rows touching it, each at
+    # index tile + i (dB, emitted by the dy pass).
+    pid_n = tl.program_id(0)
+    slot = tl.program_id(1)
     if not FISHER:
-        # not measuring: program 0 zeroes the first zero_count entries of the statistics tensor (fisher_ptr),
-        # which saves the fill launch of a torch.zeros
-        if pid == 0:
+        # not measuring: one program zeroes the first zero_count entries of the statistics tensor
+        # (fisher_ptr), which saves the fill launch of a torch.zeros
+        if pid_n == 0 and slot == 0:
             for start in range(0, zero_count, BLOCK_N):
                 offs = start + tl.arange(0, BLOCK_N)
                 tl.store(fisher_ptr + offs, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=offs < zero_count)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    slots = tl.arange(0, R_PAD)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)
     col_ok = offs_n < depth
-    tile_offsets = slots[:, None] * depth + offs_n[None, :]
-    grad = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
-    fisher = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
+    grad = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    fisher = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for segment in range(0, segments):
-        sample_grad = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
-        for chunk in range(0, chunks):
-            sample_grad += tl.load(partial_ptr + (segment * chunks + chunk) * R_PAD * depth + tile_offsets,
-                                   mask=col_ok[None, :], other=0.0)
+        if ROW_TILES:
+            first = (segment * segment_rows) // piece_rows + segment
+            end = (segment * segment_rows + segment_rows - 1) // piece_rows + segment + 1
+        else:
+            first = segment * chunks
+            end = first + chunks
+        # BLOCK_P pieces per load, summed in a fixed tree: latency of cdiv(pieces, BLOCK_P) loads, not pieces
+        block = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        for start in range(first, end, BLOCK_P):
+            pieces = start + offs_p
+            block += tl.load(partial_ptr + (pieces[:, None] * R_PAD + slot) * depth + offs_n[None, :],
+                             mask=(pieces < end)[:, None] & col_ok[None, :], other=0.0)
+        sample_grad = tl.sum(block, axis=0)
         grad += sample_grad
         if FISHER:
             sample_grad = sample_grad * fisher_factor
             fisher += sample_grad * sample_grad
-    grad_ptrs = grad_ptr + slots[:, None] * stride_gr + offs_n[None, :] * stride_gd
-    tl.store(grad_ptrs, (grad * scale).to(grad_ptr.dtype.element_ty),
-             mask=(slots < capacity)[:, None] & col_ok[None, :])
+    tl.store(grad_ptr + slot * stride_gr + offs_n * stride_gd, (grad * scale).to(grad_ptr.dtype.element_ty),
+             mask=col_ok & (slot < capacity))
     if FISHER:
-        tl.store(fisher_ptr + pid * R_PAD + slots, tl.sum(fisher, axis=1))
+        tl.store(fisher_ptr + pid_n * R_PAD + slot, tl.sum(fisher, axis=0))
 
 
 @triton.jit
@@ -214,50 +237,61 @@ def _shrink_programs(x) -> int:
     return triton.cdiv(x.shape[0], launch_table.blocks_for("shrink", dtype_name(x.dtype)).block_m)
 
 
-def _shrink(x, slot_rows, slot_strides, trial_row, live_rank, out, nonfinite, capacity, r_pad):
-    """out = (x S^T) . mask; with a trial row, also each program's count of non-finite rows (fp32)."""
+def _shrink(x, slot_rows, slot_strides, trial_row, live_rank, out, nonfinite, capacity, r_pad, rank_partials=None):
+    """out = (x S^T) . mask; with a trial row, also each program's count of non-finite rows (fp32).
+    rank_partials: None, or (U, partial buffer, rows per sample) to emit dB's partials U^T x as well."""
     rows, depth = x.shape
     blocks = launch_table.blocks_for("shrink", dtype_name(x.dtype))
+    u, partial, segment_rows = rank_partials if rank_partials is not None else (out, out, 1)
     _shrink_kernel[(_shrink_programs(x),)](
         x, slot_rows, trial_row if trial_row is not None else slot_rows, live_rank, out,
-        nonfinite if trial_row is not None else out,
-        rows, depth, capacity, x.stride(0), x.stride(1), slot_strides[0], slot_strides[1],
-        HAS_TRIAL=trial_row is not None, R_PAD=r_pad, BLOCK_M=blocks.block_m, BLOCK_K=blocks.block_k,
-        DOT_PRECISION=current_dot_precision(x.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+        nonfinite if trial_row is not None else out, u, partial,
+        rows, depth, capacity, segment_rows, x.stride(0), x.stride(1), slot_strides[0], slot_strides[1],
+        HAS_TRIAL=trial_row is not None, EMIT_RANK_PARTIAL=rank_partials is not None, R_PAD=r_pad,
+        BLOCK_M=blocks.block_m, BLOCK_K=blocks.block_k, DOT_PRECISION=current_dot_precision(x.dtype),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+
+def dy_pass_row_tile(rows: int, dtype_name_: str, compute_grad_x: bool) -> int:
+    """Rows per dB partial: the row tile of the kernel that reads dy (grad_x, or the shrink of P)."""
+    kernel = "grad_x" if compute_grad_x else "shrink"
+    return launch_table.blocks_for(kernel, dtype_name_, rows).block_m
 
 
 class _ReducePlan:
-    """Chunking of the two segment reductions (dA over depth = in, dB over depth = out), shared by both so
-    that their partials have one layout, and the finalize tiles."""
+    """Where dA's and dB's per-sample partials come from and how the finalize launches sum them.
 
-    def __init__(self, rows, depth_a, depth_b, dtype_name_, segments, r_pad, target_programs):
+    dA: the segment reduction over (P, x), chunks inside each sample (about `target_programs` programs).
+    dB: one partial per (row tile of the dy pass, sample it touches), emitted by grad_x or the shrink of P:
+    tiles + samples - 1 pieces at most."""
+
+    def __init__(self, rows, depth_a, depth_b, dtype_name_, segments, r_pad, target_programs, compute_grad_x):
         self.blocks = launch_table.blocks_for("segment_reduce", dtype_name_)
         self.final = launch_table.blocks_for("finalize", dtype_name_)
         self.segment_rows = rows // segments
-        self.tiles = (triton.cdiv(depth_a, self.blocks.block_n), triton.cdiv(depth_b, self.blocks.block_n))
-        self.chunks, self.chunk_rows = launch_table.segment_chunks(self.segment_rows, segments, sum(self.tiles),
-                                                              self.blocks, target_programs)
+        self.tiles_a = triton.cdiv(depth_a, self.blocks.block_n)
+        self.chunks, self.chunk_rows = launch_table.segment_chunks(self.segment_rows, segments, self.tiles_a,
+                                                                   self.blocks, target_programs)
+        self.row_tile_b = dy_pass_row_tile(rows, dtype_name_, compute_grad_x)
         self.final_tiles = (triton.cdiv(depth_a, self.final.block_n), triton.cdiv(depth_b, self.final.block_n))
-        self.partial_shapes = tuple((segments * self.chunks, r_pad, depth) for depth in (depth_a, depth_b))
+        self.partial_shapes = ((segments * self.chunks, r_pad, depth_a),
+                               (triton.cdiv(rows, self.row_tile_b) + segments - 1, r_pad, depth_b))
 
 
-def _reduce(plan, which, low_rank, x, partial, grad, grad_strides, fisher_tiles, capacity, r_pad, scale,
-            segments, fisher_factor, measuring, zero_stats=None):
-    """grad (written in place through grad_strides) = s L^T X, split at sample boundaries; `which` is 0
-    for dA, 1 for dB. Per-tile Fisher sums go to fisher_tiles while measuring; otherwise `zero_stats`, when
-    given, is the statistics tensor the finalize launch zeroes."""
-    depth = x.shape[1]
-    _segment_reduce_kernel[(segments * plan.chunks, plan.tiles[which])](
-        low_rank, x, partial, plan.segment_rows, plan.chunk_rows, plan.chunks, depth, x.stride(0), x.stride(1),
-        R_PAD=r_pad, BLOCK_N=plan.blocks.block_n, BLOCK_T=plan.blocks.block_k,
-        DOT_PRECISION=current_dot_precision(x.dtype), num_warps=plan.blocks.num_warps,
-        num_stages=plan.blocks.num_stages)
-    _finalize_grad_and_fisher_kernel[(plan.final_tiles[which],)](
+def _finalize(plan, which, partial, grad, grad_strides, fisher_tiles, capacity, r_pad, scale, segments,
+              fisher_factor, measuring, zero_stats=None):
+    """grad (written in place through grad_strides) = s * the sum of the partials; `which` is 0 for dA,
+    1 for dB. Per-tile Fisher sums go to fisher_tiles while measuring; otherwise `zero_stats`, when given,
+    is the statistics tensor this launch zeroes."""
+    depth = partial.shape[2]
+    slots = min(capacity + int(measuring), r_pad)  # the trial slot's Fisher while measuring
+    _finalize_grad_and_fisher_kernel[(plan.final_tiles[which], slots)](
         partial, grad, fisher_tiles if measuring else (zero_stats if zero_stats is not None else partial),
-        segments, plan.chunks, depth, capacity, float(scale), float(fisher_factor),
-        0 if measuring or zero_stats is None else zero_stats.numel(), grad_strides[0], grad_strides[1],
-        FISHER=measuring, R_PAD=r_pad, BLOCK_N=plan.final.block_n, num_warps=plan.final.num_warps,
-        num_stages=plan.final.num_stages)
+        segments, plan.chunks, plan.segment_rows, plan.row_tile_b, depth, capacity, float(scale),
+        float(fisher_factor), 0 if measuring or zero_stats is None else zero_stats.numel(),
+        grad_strides[0], grad_strides[1],
+        FISHER=measuring, ROW_TILES=which == 1, R_PAD=r_pad, BLOCK_P=plan.final.block_m,
+        BLOCK_N=plan.final.block_n, num_warps=plan.final.num_warps, num_stages=plan.final.num_stages)
 
 
 def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale: float,
@@ -294,7 +328,7 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
 
     segments = num_samples if measuring else 1
     plan = _ReducePlan(rows, in_features, out_features, dtype_name(x.dtype), segments, r_pad,
-                       _target_programs(device))
+                       _target_programs(device), compute_grad_x)
     shrink_programs = _shrink_programs(x)
     final_a, final_b = plan.final_tiles
     work = _Workspace(device, {
@@ -305,23 +339,30 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
            if measuring else {}),
     })
     proj_grad, low_rank = work["proj_grad"], work["low_rank"]
+    # x pass: U first, so the dy pass can emit dB's partials from the dy tiles it loads anyway
+    trial = trial_row.contiguous() if measuring else None  # read as a unit-stride vector
+    _shrink(x, lora_a, (lora_a.stride(0), lora_a.stride(1)), trial, live_rank, low_rank,
+            work["nonfinite"] if measuring else None, capacity, r_pad)
+    rank_partials = (low_rank, work["partial_b"], plan.segment_rows)
     if compute_grad_x:
         launch_fused_lowrank_matmul(
             "grad_x", grad_y, (weight.stride(0), weight.stride(1)), weight, None,
             lora_b, (lora_b.stride(0), lora_b.stride(1)), lora_a, (lora_a.stride(0), lora_a.stride(1)),
-            live_rank, proj_grad, grad_x, out_features, in_features, capacity, scale, r_pad)
+            live_rank, proj_grad, grad_x, out_features, in_features, capacity, scale, r_pad, rank_partials)
     else:
         _shrink(grad_y, lora_b, (lora_b.stride(1), lora_b.stride(0)), None, live_rank, proj_grad, None, capacity,
-                r_pad)
-    trial = trial_row.contiguous() if measuring else None  # read as a unit-stride vector
-    _shrink(x, lora_a, (lora_a.stride(0), lora_a.stride(1)), trial, live_rank, low_rank,
-            work["nonfinite"] if measuring else None, capacity, r_pad)
+                r_pad, rank_partials)
+    blocks = plan.blocks
+    _segment_reduce_kernel[(segments * plan.chunks, plan.tiles_a)](
+        proj_grad, x, work["partial_a"], plan.segment_rows, plan.chunk_rows, plan.chunks, in_features,
+        x.stride(0), x.stride(1), R_PAD=r_pad, BLOCK_N=blocks.block_n, BLOCK_T=blocks.block_k,
+        DOT_PRECISION=current_dot_precision(x.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     fisher_factor = scale * per_sample_multiplier
     fisher_a, fisher_b = (work["fisher_a"], work["fisher_b"]) if measuring else (None, None)
-    _reduce(plan, 0, proj_grad, x, work["partial_a"], grad_a, (grad_a.stride(0), grad_a.stride(1)), fisher_a,
-            capacity, r_pad, scale, segments, fisher_factor, measuring, zero_stats=fisher)
-    _reduce(plan, 1, low_rank, grad_y, work["partial_b"], grad_b, (grad_b.stride(1), grad_b.stride(0)), fisher_b,
-            capacity, r_pad, scale, segments, fisher_factor, measuring)
+    _finalize(plan, 0, work["partial_a"], grad_a, (grad_a.stride(0), grad_a.stride(1)), fisher_a, capacity, r_pad,
+              scale, segments, fisher_factor, measuring, zero_stats=fisher)
+    _finalize(plan, 1, work["partial_b"], grad_b, (grad_b.stride(1), grad_b.stride(0)), fisher_b, capacity, r_pad,
+              scale, segments, fisher_factor, measuring)
     if measuring:
         collect = launch_table.blocks_for("fisher_collect", "fp32")
         _fisher_collect_kernel[(1,)](fisher_a, fisher_b, work["nonfinite"], fisher, final_a, final_b,

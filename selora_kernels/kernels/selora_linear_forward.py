@@ -11,7 +11,10 @@ One kernel, `_fused_lowrank_matmul_kernel`, computes the general form
 - forward:  X = x, Wt = W0^T, R = A^T, E = B^T, no mask (dead slots of A and B are exact zeros, so the
             live rank is not a kernel argument and a growth within capacity never recompiles).
 - grad_x:   X = dy, Wt = W0, R = B, E = A, mask = slots < live_rank (read from a device tensor), and the
-            masked P = dy B (M x R_PAD, fp32) is emitted for the dA reduction (selora_linear_backward.py).
+            masked P = dy B (M x R_PAD, fp32) is emitted for the dA reduction (selora_linear_backward.py);
+            the first column tile of each row tile then emits dB's partials U^T dy per sample piece
+            (`_store_rank_partials`) from its row tile of dy, which it has just streamed (L2), so the
+            backward has no separate dB reduction over dy.
 
 x is read once: each K step loads one X tile and feeds both the W0 dot and the R_PAD-wide rank dot into an
 fp32 rank accumulator; the epilogue expands the rank accumulator with E at fp32 precision (hi/lo split for
@@ -53,15 +56,39 @@ def _fp32_rank_dot(low_rank, operand, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _store_rank_partials(u_ptr, x_tile, partial_ptr, tile_m, offs_m, row_ok, cols, col_ok, rows, segment_rows,
+                         depth, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """partial[tile_m + i, k, cols] = sum over the rows t of this row tile in sample i of U[t, k] X[t, cols].
+
+    U: M x R_PAD fp32 row-major; x_tile: the BLOCK_M x len(cols) tile of X already loaded by the caller
+    (rows outside the matrix are zeros). Index tile + sample is unique (tiles and samples are both
+    increasing in the row) and contiguous per sample, the layout the finalize kernel sums per sample."""
+    slots = tl.arange(0, R_PAD)
+    u_t = tl.load(u_ptr + offs_m[None, :] * R_PAD + slots[:, None], mask=row_ok[None, :], other=0.0)
+    first = (tile_m * BLOCK_M) // segment_rows
+    last = (tl.minimum(tile_m * BLOCK_M + BLOCK_M, rows) - 1) // segment_rows
+    for segment in range(first, last + 1):
+        start = segment * segment_rows
+        in_segment = (offs_m >= start) & (offs_m < start + segment_rows)
+        part = _fp32_rank_dot(tl.where(in_segment[None, :], u_t, 0.0), x_tile,
+                              tl.zeros((R_PAD, x_tile.shape[1]), dtype=tl.float32), DOT_PRECISION)
+        tl.store(partial_ptr + ((tile_m + segment) * R_PAD + slots[:, None]) * depth + cols[None, :], part,
+                 mask=col_ok[None, :])
+
+
+@triton.jit
 def _fused_lowrank_matmul_kernel(
         x_ptr, wt_ptr, bias_ptr, rank_in_ptr, rank_out_ptr, live_rank_ptr, low_rank_ptr, out_ptr,
-        rows, inner, cols, capacity, scale,
+        u_ptr, partial_ptr,
+        rows, inner, cols, capacity, scale, segment_rows,
         stride_xm, stride_xk, stride_wk, stride_wn, stride_rk, stride_rr, stride_er, stride_en,
         stride_om, stride_on,
         HAS_BIAS: tl.constexpr, MASK_LIVE: tl.constexpr, EMIT_LOW_RANK: tl.constexpr,
+        EMIT_RANK_PARTIAL: tl.constexpr,
         R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # out = X Wt (+ bias) + s (mask . (X R)) E ; see the module docstring for the two uses.
+    # out = X Wt (+ bias) + s (mask . (X R)) E ; see the module docstring for the two uses. grad_x also
+    # emits dB's per-row-tile partials U^T X (EMIT_RANK_PARTIAL), so dY is read once by the backward.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(rows, BLOCK_M)
     tiles_n = tl.cdiv(cols, BLOCK_N)
@@ -115,6 +142,18 @@ def _fused_lowrank_matmul_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if EMIT_RANK_PARTIAL:
+        # One column tile per row tile does dB's partials, after its output is stored: inside the main loop
+        # the extra fp32 operands spilled (up to 872 B at R_PAD 32). The row tile of dy it re-reads was
+        # just streamed by this program and its group, so it comes from L2.
+        if pid_n == 0:
+            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+            for k in range(0, tl.cdiv(inner, BLOCK_K)):
+                k_ok = offs_k < inner - k * BLOCK_K
+                x_tile = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                _store_rank_partials(u_ptr, x_tile, partial_ptr, pid_m, offs_m, row_ok, k * BLOCK_K + offs_k,
+                                     k_ok, rows, segment_rows, inner, R_PAD, BLOCK_M, DOT_PRECISION)
+                x_ptrs += BLOCK_K * stride_xk
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -130,19 +169,22 @@ def current_dot_precision(dtype: torch.dtype) -> str:
 
 def launch_fused_lowrank_matmul(kernel_name: str, x, wt_strides, wt, bias, rank_in, rank_in_strides,
                                 rank_out, rank_out_strides, live_rank, low_rank_out, out, inner, cols,
-                                capacity, scale, r_pad):
-    """Shared launcher of the forward and grad_x uses (all strides in elements, views described by hand)."""
+                                capacity, scale, r_pad, rank_partials=None):
+    """Shared launcher of the forward and grad_x uses (all strides in elements, views described by hand).
+    rank_partials: None, or (U, partial buffer, rows per sample) for grad_x's dB partials."""
     rows = x.shape[0]
     name = dtype_name(x.dtype)
     blocks = launch_table.blocks_for(kernel_name, name, rows)
     grid = (triton.cdiv(rows, blocks.block_m) * triton.cdiv(cols, blocks.block_n),)
+    u, partial, segment_rows = rank_partials if rank_partials is not None else (out, out, 1)
     _fused_lowrank_matmul_kernel[grid](
         x, wt, bias if bias is not None else out, rank_in, rank_out,
         live_rank if live_rank is not None else out, low_rank_out if low_rank_out is not None else out, out,
-        rows, inner, cols, capacity, float(scale),
+        u, partial, rows, inner, cols, capacity, float(scale), segment_rows,
         x.stride(0), x.stride(1), wt_strides[0], wt_strides[1], rank_in_strides[0], rank_in_strides[1],
         rank_out_strides[0], rank_out_strides[1], out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, MASK_LIVE=live_rank is not None, EMIT_LOW_RANK=low_rank_out is not None,
+        EMIT_RANK_PARTIAL=rank_partials is not None,
         R_PAD=r_pad, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
         GROUP_M=launch_table.GROUP_M, DOT_PRECISION=current_dot_precision(x.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages)
