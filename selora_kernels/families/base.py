@@ -177,6 +177,22 @@ class ModelFamily:
         return f"{type(self).__name__}({self.name!r})"
 
 
+class CappedTextLength:
+    """For families whose one text encoder (T5, Gemma) has an effectively unbounded model_max_length: the
+    prompts are padded to the family's `max_sequence_length`, as its training script does."""
+
+    max_sequence_length: int
+
+    def tokenizer(self, pipe):
+        # the dataset pads its (unused here) input_ids to model_max_length
+        if pipe.tokenizer.model_max_length > self.max_sequence_length:
+            pipe.tokenizer.model_max_length = self.max_sequence_length
+        return pipe.tokenizer
+
+    def sequence_length(self, pipe) -> int:
+        return min(self.max_sequence_length, pipe.tokenizer.model_max_length)
+
+
 def rename_prefix(path, old: str, new: str) -> Path:
     """Rewrites a LoRA file so keys (and lora_adapter_metadata entries) under `old.` sit under `new.`."""
     tensors, header = read_safetensors(path, what="LoRA file")

@@ -15,13 +15,13 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .base import DENOISER_PART, ModelFamily, StepInputs, write_peft_folder
+from .base import DENOISER_PART, CappedTextLength, ModelFamily, StepInputs, write_peft_folder
 from .tiny import TEXT_LENGTH, seeded, t5_encoder, tiny_tokenizer, tiny_vae
 
 PEFT_FOLDER = "peft_transformer"  # inside an export folder
 
 
-class PixArtSigma(ModelFamily):
+class PixArtSigma(CappedTextLength, ModelFamily):
     name = "pixart_sigma"
     title = "PixArt-Sigma"
     pipeline_class_names = ("PixArtSigmaPipeline",)
@@ -51,15 +51,6 @@ class PixArtSigma(ModelFamily):
         if folder is not None:
             pipe.save_pretrained(folder)
         return pipe
-
-    def tokenizer(self, pipe):
-        # the dataset pads its (unused here) input_ids to model_max_length: T5's is effectively unbounded
-        if pipe.tokenizer.model_max_length > self.max_sequence_length:
-            pipe.tokenizer.model_max_length = self.max_sequence_length
-        return pipe.tokenizer
-
-    def sequence_length(self, pipe) -> int:
-        return min(self.max_sequence_length, pipe.tokenizer.model_max_length)
 
     def condition(self, pipe, batch, device) -> Dict[str, object]:
         embeds, mask, _, _ = pipe.encode_prompt(list(batch["caption"]), do_classifier_free_guidance=False,

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from .base import DENOISER_PART, StepInputs
+from .base import DENOISER_PART, CappedTextLength, StepInputs
 from .flow_matching import FlowMatchingFamily
 from .tiny import TEXT_LENGTH, seeded, tiny_tokenizer
 
@@ -32,7 +32,7 @@ DC_AE_CONFIG = dict(
     decoder_act_fns="silu", scaling_factor=0.41407)
 
 
-class Sana(FlowMatchingFamily):
+class Sana(CappedTextLength, FlowMatchingFamily):
     name = "sana"
     title = "Sana"
     pipeline_class_names = ("SanaPipeline",)
@@ -69,15 +69,6 @@ class Sana(FlowMatchingFamily):
         if folder is not None:
             pipe.save_pretrained(folder)
         return pipe
-
-    def tokenizer(self, pipe):
-        # the dataset pads its (unused here) input_ids to model_max_length: Gemma's is effectively unbounded
-        if pipe.tokenizer.model_max_length > self.max_sequence_length:
-            pipe.tokenizer.model_max_length = self.max_sequence_length
-        return pipe.tokenizer
-
-    def sequence_length(self, pipe) -> int:
-        return min(self.max_sequence_length, pipe.tokenizer.model_max_length)
 
     def encode_images(self, pipe, pixels, generator):
         vae = pipe.vae  # DC-AE: a deterministic encoder, nothing drawn
