@@ -212,14 +212,15 @@ def merged_baseline(layer: Layer, mode: str) -> Estimate:
 
 # --- ours -----------------------------------------------------------------------------------------------
 
-def ours_fused_forward(layer: Layer) -> List[Kernel]:
-    """One kernel: x read once, the R_PAD-wide rank dot recomputed per output-column tile (R_PAD / BN)."""
+def ours_fused_forward(layer: Layer, keep: bool = False) -> List[Kernel]:
+    """One kernel: x read once, the R_PAD-wide rank dot recomputed per output-column tile (R_PAD / BN).
+    keep (a training forward that is not measuring): also writes U = x A^T (fp32) for the backward."""
     m, i, o, e, d = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype
     r_pad = launch_table.r_pad_for(max(layer.capacity, 1))
     blocks = launch_table.blocks_for("forward", d, m)
     tiles_n = math.ceil(o / blocks.block_n)
     flops = 2.0 * m * i * o + 2.0 * m * i * r_pad * tiles_n + _EXPAND_DOTS[d] * 2.0 * m * r_pad * o
-    moved = e * (m * i + i * o + r_pad * (i + o) + m * o + o)
+    moved = e * (m * i + i * o + r_pad * (i + o) + m * o + o) + (4 * m * r_pad if keep else 0)
     return [Kernel("fused forward", flops, moved, d, math.ceil(m / blocks.block_m) * tiles_n, True)]
 
 
@@ -235,9 +236,12 @@ def ours_merged_forward(layer: Layer) -> List[Kernel]:
             linear(m, i, o, e, d)]
 
 
-def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 132) -> List[Kernel]:
-    """kernels/selora_linear_backward.py: shrink (U), grad_x (emits P and dB's per-row-tile partials), dA's
-    segment reduction, a finalize for each of dA and dB, and the Fisher collect while measuring."""
+def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 132,
+                        kept: bool = False) -> List[Kernel]:
+    """kernels/selora_linear_backward.py: shrink (U; skipped when a fused training forward that was not
+    measuring `kept` it),
+    grad_x (emits P and dB's per-row-tile partials), dA's segment reduction, a finalize for each of dA and
+    dB, and the Fisher collect while measuring."""
     m, i, o, e, d = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype
     r_pad = launch_table.r_pad_for(statistics_width(layer.capacity, measuring))
     segments = layer.samples if measuring else 1
@@ -247,9 +251,10 @@ def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 13
     partials_b = (row_tiles + segments - 1) * r_pad * o
     # the statistics: written whole by the collect kernel when measuring, zeroed by dA's finalize otherwise
     # (no fill launch either way)
-    kernels = [
+    kernels = [] if kept else [
         Kernel("shrink U = x A_ext^T", 2.0 * m * i * r_pad, e * (m * i + r_pad * i) + 4 * m * r_pad, d,
-               math.ceil(m / launch_table.blocks_for("shrink", d).block_m), True),
+               math.ceil(m / launch_table.blocks_for("shrink", d).block_m), True)]
+    kernels += [
         Kernel("grad_x (emits P, dB partials)", 2.0 * m * o * i + 2.0 * m * o * r_pad * tiles_in
                + _EXPAND_DOTS[d] * 2.0 * m * r_pad * (i + o),
                e * (m * o + o * i + r_pad * (i + o) + m * i) + 4 * m * r_pad * 2 + 4 * partials_b, d,
@@ -274,9 +279,11 @@ def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 13
 
 def ours(layer: Layer, mode: str, forward_path: str, measuring: bool = False,
          multiprocessors: int = 132) -> Estimate:
-    est = Estimate(ours_fused_forward(layer) if forward_path == "fused" else ours_merged_forward(layer))
+    # a fused training forward that is not measuring keeps U for the backward (ops/selora_linear.py)
+    kept = mode != "fwd" and forward_path == "fused" and not measuring
+    est = Estimate(ours_fused_forward(layer, kept) if forward_path == "fused" else ours_merged_forward(layer))
     if mode != "fwd":
-        est += ours_fused_backward(layer, measuring, multiprocessors)
+        est += ours_fused_backward(layer, measuring, multiprocessors, kept=kept)
     return est
 
 

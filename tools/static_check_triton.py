@@ -143,7 +143,7 @@ def _launch_config(launch) -> launch_table.LaunchConfig:
         size = launch_table.size_class(bound["rows"])
         flags = (("DOT_PRECISION", kw["DOT_PRECISION"]),)
         if kernel == "forward":
-            flags += (("HAS_BIAS", kw["HAS_BIAS"]),)
+            flags += (("HAS_BIAS", kw["HAS_BIAS"]), ("KEEP", kw["EMIT_LOW_RANK"]))
     elif kernel == "shrink":
         blocks = launch_table.Blocks(kw["BLOCK_M"], 0, kw["BLOCK_K"], warps, stages)
         size = "any"

@@ -146,6 +146,7 @@ def _sd_launches(origin: List[str]):
     import torch
     from selora_kernels.kernels.selora_linear_backward import selora_linear_backward_triton
     from selora_kernels.kernels.selora_linear_forward import selora_linear_forward_triton
+    from selora_kernels.ops.cuda_impl import choose_forward_path
 
     for name, tokens, d_in, d_out in SD_LAYERS:
         rows = SD_BATCH * tokens
@@ -165,6 +166,8 @@ def _sd_launches(origin: List[str]):
                         if _fused_forward(capacity, dtype):
                             origin[0] = tag + ":forward"
                             selora_linear_forward_triton(x, weight, bias, lora_a, lora_b, 0.5)
+                        # a training forward on the fused path keeps U; its backward then skips the shrink
+                        trains_fused = choose_forward_path(rows, d_in, d_out, capacity, dtype) == "fused"
                         for measuring in (False, True):
                             if not _fused_backward(capacity, dtype, measuring):
                                 continue
@@ -172,6 +175,14 @@ def _sd_launches(origin: List[str]):
                                 origin[0] = f"{tag}:backward:measuring={int(measuring)}:grad_x={int(grad_x)}"
                                 selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial, live_rank,
                                                               0.5, SD_BATCH, float(SD_BATCH), measuring, grad_x)
+                            if trains_fused and not measuring:
+                                origin[0] = f"{tag}:training_forward"
+                                _, kept = selora_linear_forward_triton(x, weight, bias, lora_a, lora_b, 0.5,
+                                                                       keep=(live_rank,))
+                                origin[0] = f"{tag}:backward_kept"
+                                selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial, live_rank,
+                                                              0.5, SD_BATCH, float(SD_BATCH), measuring, True,
+                                                              kept=kept)
 
 
 def _test_launches(origin: List[str]):
@@ -201,6 +212,14 @@ def _test_launches(origin: List[str]):
                     for measuring in (False, True):
                         origin[0] = f"{tag}:{name}:backward:measuring={int(measuring)}"
                         run_backward(case, samples, float(samples), measuring, True)
+                    origin[0] = f"{tag}:{name}:training_forward"
+                    _, kept = forward(case["x"], case["weight"], case["bias"], case["lora_a"], case["lora_b"], 0.5,
+                                      keep=(case["live_rank"],))
+                    for grad_x in (True, False):
+                        origin[0] = f"{tag}:{name}:backward_kept:grad_x={int(grad_x)}"
+                        backward(case["grad_y"], case["x"], case["weight"], case["lora_a"], case["lora_b"],
+                                 case["trial_row"], case["live_rank"], 0.5, samples, float(samples), False, grad_x,
+                                 kept=kept)
                 case = cases.make_case(3, 11, 36, 26, 15, 6, dtype, seed=3)
                 origin[0] = f"{tag}:forward_strided_no_bias"
                 forward(torch.cat([case["x"], case["x"][:, :5]], dim=1)[:, :36], case["weight"].t().contiguous().t(),
@@ -259,7 +278,7 @@ def kernel_label(launch: Launch) -> str:
     """The launch-table kernel name of a recorded call."""
     name = launch.fn.fn.__name__
     if name == "_fused_lowrank_matmul_kernel":
-        return "grad_x" if launch.kwargs.get("MASK_LIVE") else "forward"
+        return "grad_x" if launch.kwargs.get("EMIT_RANK_PARTIAL") else "forward"
     return {"_shrink_kernel": "shrink", "_segment_reduce_kernel": "segment_reduce",
             "_finalize_grad_and_fisher_kernel": "finalize", "_fisher_collect_kernel": "fisher_collect"}[name]
 

@@ -58,7 +58,8 @@ def _forward_spec(config: LaunchConfig):
         unit.update(stride_wk=1, stride_rk=1, stride_er=1)
     else:
         unit.update(stride_wn=1, stride_rr=1, stride_en=1)
-    constexprs = dict(HAS_BIAS=has_bias, MASK_LIVE=not is_forward, EMIT_LOW_RANK=not is_forward,
+    keep = not is_forward or bool(flags.get("KEEP", False))  # grad_x, or a training forward keeping U
+    constexprs = dict(HAS_BIAS=has_bias, MASK_LIVE=keep, EMIT_LOW_RANK=keep,
                       EMIT_RANK_PARTIAL=not is_forward,
                       R_PAD=config.r_pad, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k,
                       GROUP_M=launch_table.GROUP_M, DOT_PRECISION=flags.get("DOT_PRECISION", "tf32"), **unit)

@@ -77,6 +77,8 @@ KERNELS: Dict[str, Tuple[str, str, bool]] = {
 # - small (M <= 64): 8 warps for half precision and BK 16 for fp32. Compiled with the specialisation real
 #   launches get (tools/static_check_triton.py), 32 x 64 x 64 on 4 warps spilled (255 registers, up to
 #   184 B of stack at R_PAD 32, 8-56 B at R_PAD 16) and fp32 32 x 64 x 32 spilled 8 B at R_PAD 32 (IEEE).
+# - fp32 large forward: 32 rows; a training forward keeping U with the trial slot spilled 16 B at 64 rows
+#   (IEEE, sm_90; the trial slot has since left the forward).
 # - large: BK 32 with 4 stages for half precision (the same bytes in flight as BK 64 with 2) and BK 16 for
 #   fp32. Under Triton 3.6 (the GPU image's) 128 x 64 x 64 spilled 8 B at R_PAD 16 on sm_80 (255 registers)
 #   and fp32 IEEE 64 x 64 x 32 spilled 16 B on sm_90; the smaller K tiles stay <= 219 registers on both
@@ -84,7 +86,7 @@ KERNELS: Dict[str, Tuple[str, str, bool]] = {
 _GEMM_BLOCKS = {
     ("fp16", "large"): Blocks(128, 64, 32, 8, 4),
     ("bf16", "large"): Blocks(128, 64, 32, 8, 4),
-    ("fp32", "large"): Blocks(64, 64, 16, 8, 3),
+    ("fp32", "large"): Blocks(32, 64, 16, 8, 3),
     ("fp16", "small"): Blocks(32, 64, 64, 8, 3),
     ("bf16", "small"): Blocks(32, 64, 64, 8, 3),
     ("fp32", "small"): Blocks(32, 64, 16, 8, 3),
@@ -95,10 +97,11 @@ _GEMM_BLOCKS = {
 _GRAD_X_BLOCKS = {
     **_GEMM_BLOCKS,
     ("fp16", "large"): Blocks(64, 64, 32, 8, 4),
+    ("fp32", "large"): Blocks(64, 64, 16, 8, 3),
     ("fp32", "small"): Blocks(32, 64, 16, 4, 3),
 }
 _SHRINK_BLOCKS = {  # (M x D) @ (D x R_PAD): one program per row tile loops over all of D
-    "fp16": Blocks(64, 0, 64, 4, 3),
+    "fp16": Blocks(64, 0, 32, 4, 3),  # BK 64: P's shrink with dB's partials spilled 40 B at R_PAD 32 (sm_80)
     "bf16": Blocks(64, 0, 64, 4, 3),
     "fp32": Blocks(32, 0, 32, 4, 3),
 }
@@ -171,8 +174,9 @@ def all_launch_configs() -> Iterator[LaunchConfig]:
                 dot = (("DOT_PRECISION", precision),)
                 for size in ("large", "small"):
                     for has_bias in (True, False):
-                        yield LaunchConfig("forward", dtype, r_pad, _GEMM_BLOCKS[(dtype, size)], size,
-                                           dot + (("HAS_BIAS", has_bias),))
+                        for keep in (False, True):  # inference, or a training forward keeping U
+                            yield LaunchConfig("forward", dtype, r_pad, _GEMM_BLOCKS[(dtype, size)], size,
+                                               dot + (("HAS_BIAS", has_bias), ("KEEP", keep)))
                     yield LaunchConfig("grad_x", dtype, r_pad, _GRAD_X_BLOCKS[(dtype, size)], size, dot)
                 # U = x A_ext^T (trial slot live only while measuring); P = dy B when grad_x is skipped (it
                 # also emits dB's partials)

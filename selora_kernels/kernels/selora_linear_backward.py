@@ -10,21 +10,23 @@ Math (docs/algorithm.md, ops/reference.py), mask_k = [k < live_rank] read from a
         fisher_a[k] = sum_i || c P_i[:, k]^T X_i ||^2      fisher_b[k] = sum_i || c dY_i^T U_i[:, k] ||^2
 
 Launches (all deterministic: fixed-order reductions, no atomics):
-  1. grad_x: the forward kernel mirrored (selora_linear_forward.py) emits P; without grad_x, `_shrink_kernel`
-     computes P = dy B instead.
-  2. `_shrink_kernel`: U = x A_ext^T, where A_ext appends the trial row as slot `capacity` while measuring.
-  3. `_segment_reduce_kernel` twice ((P, x) -> dA, (U, dy) -> dB): the token reduction is split at sample
-     boundaries and further into chunks inside a sample, each chunk writing an fp32 partial R_PAD x D.
-  4. `_finalize_grad_and_fisher_kernel` twice: per D tile, sums each sample's chunk partials in order (the per-sample
-     gradient), adds it into the gradient and, when FISHER, squares (c g_i)^2 into an fp32 per-slot sum.
-     (One launch for both gradients, branching on the program id, was tried: its two branches compiled
-     with separate pipeline buffers, twice the shared memory, and a stack frame under triton 3.6.)
-  5. While measuring, `_fisher_collect_kernel` sums the per-tile Fisher sums in tile order and the shrink
-     programs' counts of non-finite input rows, and writes the whole statistics tensor (layout:
-     selora_kernels/fisher_stats.py).
-     One launch instead of five small torch ops (launches are what the Fisher increment is made of at
-     small shapes, bench/roofline.py). Not measuring, program 0 of dA's finalize zeroes the statistics
-     tensor instead of a fill launch: 6 launches, 7 while measuring.
+  1. `_shrink_kernel`: U = x A_ext^T, where A_ext appends the trial row as slot `capacity` while measuring,
+     with each program's count of non-finite input rows. Skipped when a training forward that was not
+     measuring kept U (`kept`, selora_linear_forward.py): then the backward reads x once.
+  2. grad_x: the forward kernel mirrored (selora_linear_forward.py) emits P and, from its first column
+     tile, dB's per-sample partials U^T dy per row tile; without grad_x, `_shrink_kernel` computes P = dy B
+     and emits the same partials. dy is read by this launch only.
+  3. `_segment_reduce_kernel` (P, x) -> dA: the token reduction split at sample boundaries and into chunks
+     inside a sample, each chunk writing an fp32 partial R_PAD x in.
+  4. `_finalize_grad_and_fisher_kernel` twice (dA's chunks, dB's row tiles): per (depth tile, slot) sums
+     each sample's pieces (32 per load), adds the sum into the gradient and, when FISHER, squares
+     (c g_i)^2 into an fp32 per-tile sum. Not measuring, dA's also zeroes the statistics tensor (no fill
+     launch). (One launch for both gradients, branching on the program id, was tried: its two branches
+     compiled with separate pipeline buffers, twice the shared memory, and a stack frame under triton 3.6.)
+  5. While measuring, `_fisher_collect_kernel` sums the per-tile Fisher sums in tile order and the
+     non-finite row counts, and writes the whole statistics tensor (layout: selora_kernels/fisher_stats.py):
+     one launch instead of five small torch ops.
+  4 launches not measuring when the forward kept U, 5 otherwise; 6 measuring.
 """
 from __future__ import annotations
 
@@ -296,12 +298,14 @@ def _finalize(plan, which, partial, grad, grad_strides, fisher_tiles, capacity, 
 
 def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale: float,
                                   num_samples: int, per_sample_multiplier: float, measuring: bool,
-                                  compute_grad_x: bool):
+                                  compute_grad_x: bool, kept=None):
     """(grad_x, grad_a, grad_b, fisher): exactly the contract of ops.reference.backward_reference.
 
     x, grad_y: 2-D (M x in, M x out), any strides, one dtype (fp32/fp16/bf16) shared with weight, lora_a,
     lora_b and trial_row; live_rank: a 0-d integer device tensor (never read on the host). fisher is
-    fp32 in the layout of fisher_stats, zeros when not measuring."""
+    fp32 in the layout of fisher_stats, zeros when not measuring. kept: what a training forward that was
+    not measuring kept (selora_linear_forward_triton's `keep`): (U,), so the shrink of U (a second read of
+    x) is skipped; None computes U here."""
     rows, in_features = x.shape
     out_features = weight.shape[0]
     capacity = lora_a.shape[0]
@@ -329,20 +333,28 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
     segments = num_samples if measuring else 1
     plan = _ReducePlan(rows, in_features, out_features, dtype_name(x.dtype), segments, r_pad,
                        _target_programs(device), compute_grad_x)
-    shrink_programs = _shrink_programs(x)
+    if kept is not None and (measuring or kept[0].shape != (rows, r_pad)):
+        raise ValueError(f"the kept forward tensors do not match this backward (U {tuple(kept[0].shape)}, "
+                         f"expected {(rows, r_pad)}, and none while measuring; measuring={measuring})")
     final_a, final_b = plan.final_tiles
+    shrink_programs = _shrink_programs(x)
     work = _Workspace(device, {
         "proj_grad": (rows, r_pad),  # P = (dy B) . mask
-        "low_rank": (rows, r_pad),  # U = (x A_ext^T) . mask
+        **({"low_rank": (rows, r_pad)} if kept is None else {}),  # U = (x A_ext^T) . mask
         "partial_a": plan.partial_shapes[0], "partial_b": plan.partial_shapes[1],
-        **({"nonfinite": (shrink_programs,), "fisher_a": (final_a, r_pad), "fisher_b": (final_b, r_pad)}
-           if measuring else {}),
+        **({"nonfinite": (shrink_programs,)} if measuring and kept is None else {}),
+        **({"fisher_a": (final_a, r_pad), "fisher_b": (final_b, r_pad)} if measuring else {}),
     })
-    proj_grad, low_rank = work["proj_grad"], work["low_rank"]
-    # x pass: U first, so the dy pass can emit dB's partials from the dy tiles it loads anyway
-    trial = trial_row.contiguous() if measuring else None  # read as a unit-stride vector
-    _shrink(x, lora_a, (lora_a.stride(0), lora_a.stride(1)), trial, live_rank, low_rank,
-            work["nonfinite"] if measuring else None, capacity, r_pad)
+    proj_grad = work["proj_grad"]
+    nonfinite = None
+    if kept is not None:
+        low_rank, = kept
+    else:
+        # x pass: U first, so the dy pass can emit dB's partials from the dy tiles it loads anyway
+        low_rank, nonfinite = work["low_rank"], work["nonfinite"] if measuring else None
+        trial = trial_row.contiguous() if measuring else None  # read as a unit-stride vector
+        _shrink(x, lora_a, (lora_a.stride(0), lora_a.stride(1)), trial, live_rank, low_rank, nonfinite, capacity,
+                r_pad)
     rank_partials = (low_rank, work["partial_b"], plan.segment_rows)
     if compute_grad_x:
         launch_fused_lowrank_matmul(
@@ -365,7 +377,7 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
               scale, segments, fisher_factor, measuring)
     if measuring:
         collect = launch_table.blocks_for("fisher_collect", "fp32")
-        _fisher_collect_kernel[(1,)](fisher_a, fisher_b, work["nonfinite"], fisher, final_a, final_b,
+        _fisher_collect_kernel[(1,)](fisher_a, fisher_b, nonfinite, fisher, final_a, final_b,
                                      shrink_programs, fisher.shape[1], float(num_samples), R_PAD=r_pad,
                                      BLOCK=collect.block_n, num_warps=collect.num_warps,
                                      num_stages=collect.num_stages)

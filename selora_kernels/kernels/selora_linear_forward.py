@@ -128,8 +128,7 @@ def _fused_lowrank_matmul_kernel(
 
     if MASK_LIVE:
         # Dead slots get exactly zero whatever their contents; the rank stays on the device (no sync).
-        live_rank = tl.load(live_rank_ptr)
-        low_rank = tl.where((slots < live_rank)[None, :], low_rank, 0.0)
+        low_rank = tl.where((slots < tl.load(live_rank_ptr))[None, :], low_rank, 0.0)
     if EMIT_LOW_RANK:
         if pid_n == 0:
             low_rank_ptrs = low_rank_ptr + offs_m[:, None] * R_PAD + slots[None, :]
@@ -191,22 +190,34 @@ def launch_fused_lowrank_matmul(kernel_name: str, x, wt_strides, wt, bias, rank_
 
 
 def selora_linear_forward_triton(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+                                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, keep=None):
     """y = x W0^T + b0 + s (x A^T) B^T for 2-D x (M x in); same contract as ops.reference.forward_reference.
 
-    All tensors share one dtype (fp32/fp16/bf16) and device; any strides. Accumulation is fp32."""
+    All tensors share one dtype (fp32/fp16/bf16) and device; any strides. Accumulation is fp32.
+
+    keep: None, or `(live_rank,)` for a training forward that is not measuring: then returns (y, kept),
+    kept = (U,) with U = (x A^T) masked to the live slots (M x R_PAD fp32), the rank product this kernel
+    computes for y anyway, which selora_linear_backward_triton takes as `kept` so that it does not read x
+    a second time. kept is None where nothing was launched. (While measuring the backward also needs the
+    trial column and the non-finite row counts: its own pass over x computes them; keeping them here
+    spilled under triton 3.6, fp16 at R_PAD 32.)"""
     rows, in_features = x2d.shape
     out_features = weight.shape[0]
     capacity = lora_a.shape[0]
     y = torch.empty(rows, out_features, dtype=x2d.dtype, device=x2d.device)
-    if rows == 0 or out_features == 0:
-        return y
-    if in_features == 0:
-        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
+    if rows == 0 or out_features == 0 or in_features == 0:
+        if in_features == 0 and rows and out_features:
+            y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
+        return y if keep is None else (y, None)
     if bias is not None:
         bias = bias.contiguous()  # read as a unit-stride vector
+    r_pad = launch_table.r_pad_for(max(capacity, 1))
+    live_rank = low_rank = None
+    if keep is not None:
+        live_rank = keep[0].reshape(1)
+        low_rank = torch.empty(rows, r_pad, dtype=torch.float32, device=x2d.device)
     launch_fused_lowrank_matmul(
         "forward", x2d, (weight.stride(1), weight.stride(0)), weight, bias,
         lora_a, (lora_a.stride(1), lora_a.stride(0)), lora_b, (lora_b.stride(1), lora_b.stride(0)),
-        None, None, y, in_features, out_features, capacity, scale, launch_table.r_pad_for(max(capacity, 1)))
-    return y
+        live_rank, low_rank, y, in_features, out_features, capacity, scale, r_pad)
+    return y if keep is None else (y, (low_rank,))

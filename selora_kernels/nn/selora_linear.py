@@ -189,7 +189,8 @@ class SeLoRALinear(nn.Module):
         bias = cast(self.bias, dtype) if self.bias is not None else None
         y = SeLoRALinearFunction.apply(flat, cast(self.weight, dtype), bias, cast(self.lora_A, dtype),
                                        cast(self.lora_B, dtype), cast(self.trial_row, dtype), self.live_rank,
-                                       probe, self._compiled_scale(), num_samples, multiplier, probe is not None)
+                                       probe, self._compiled_scale(), num_samples, multiplier, probe is not None,
+                                       torch.is_grad_enabled())
         if probe is not None and not torch.compiler.is_compiling():  # a hook would break the compiled graph
             y.register_hook(self._check_single_use)
         return y.reshape(*x.shape[:-1], self.out_features)

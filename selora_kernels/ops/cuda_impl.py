@@ -114,25 +114,39 @@ def _same_dtype(*tensors) -> bool:
     return all(t is None or t.dtype == dtype for t in tensors)
 
 
-def forward_cuda(x, weight, bias, lora_a, lora_b, scale, live_rank):
-    """The CUDA kernel of `selora::linear`: same contract as ops.reference.forward_reference."""
+def forward_cuda(x, weight, bias, lora_a, lora_b, scale, live_rank, keep=False):
+    """The CUDA kernel of `selora::linear`: same contract as ops.reference.forward_reference.
+
+    keep: True for a training forward that is not measuring: then returns (y, kept), kept being what the
+    fused forward kept for the backward ((U,); kernels/selora_linear_forward.py), or None on the other
+    paths."""
     path = choose_forward_path(x.shape[0], x.shape[1], weight.shape[0], lora_a.shape[0], x.dtype,
                                _same_dtype(x, weight, bias, lora_a, lora_b))
     _last_paths["forward"] = path
+    training = keep
     if path == "reference":
-        return forward_reference(x, weight, bias, lora_a, lora_b, scale, live_rank)
+        y = forward_reference(x, weight, bias, lora_a, lora_b, scale, live_rank)
+        return (y, None) if training else y
     with autocast_off("cuda"):
         if path == "merged":
-            return merged_forward(x, weight, bias, lora_a, lora_b, scale)
+            y = merged_forward(x, weight, bias, lora_a, lora_b, scale)
+            return (y, None) if training else y
         # triton is optional: the kernel module (which imports it) loads on the first fused call
         from ..kernels.selora_linear_forward import selora_linear_forward_triton
 
-        return selora_linear_forward_triton(x, weight, bias, lora_a, lora_b, scale)
+        # keep U only for a fused backward (the reference recomputes everything)
+        if not training or choose_backward_path(lora_a.shape[0], x.dtype, False) != "fused":
+            y = selora_linear_forward_triton(x, weight, bias, lora_a, lora_b, scale)
+            return (y, None) if training else y
+        if live_rank.device != x.device:
+            live_rank = live_rank.to(x.device, non_blocking=True)
+        return selora_linear_forward_triton(x, weight, bias, lora_a, lora_b, scale, keep=(live_rank,))
 
 
 def backward_cuda(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale, num_samples,
-                  per_sample_multiplier, measuring, compute_grad_x):
-    """The CUDA kernel of `selora::linear_backward`: same contract as ops.reference.backward_reference."""
+                  per_sample_multiplier, measuring, compute_grad_x, kept=None):
+    """The CUDA kernel of `selora::linear_backward`: same contract as ops.reference.backward_reference.
+    kept: what forward_cuda kept for this call (or None)."""
     path = choose_backward_path(lora_a.shape[0], x.dtype, measuring,
                                 _same_dtype(grad_y, x, weight, lora_a, lora_b, trial_row))
     _last_paths["backward"] = path
@@ -146,4 +160,5 @@ def backward_cuda(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale
         live_rank = live_rank.to(x.device, non_blocking=True)
     with autocast_off("cuda"):
         return selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale,
-                                             num_samples, per_sample_multiplier, measuring, compute_grad_x)
+                                             num_samples, per_sample_multiplier, measuring, compute_grad_x,
+                                             kept=kept)

@@ -24,6 +24,7 @@ more per layer and training step on a CPU (200 small layers: 15 -> 21 ms per for
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator, Optional
 
 import torch
@@ -108,6 +109,14 @@ def _forward_implementation(x: Tensor):
     return forward_cuda if x.is_cuda else forward_reference
 
 
+def keeps_forward_tensors(x: Tensor, needs_input_grad) -> bool:
+    """Whether a training forward keeps U for the backward: eager CUDA calls that need an adapter gradient
+    (under torch.compile the ops, whose contract has no such output, are used). The caller also passes
+    torch.is_grad_enabled() as `grad_enabled`: inside Function.forward grad mode is always off and
+    needs_input_grad does not see torch.no_grad()."""
+    return x.is_cuda and not torch.compiler.is_compiling() and bool(needs_input_grad[3] or needs_input_grad[4])
+
+
 def _backward_implementation(x: Tensor):
     if torch.compiler.is_compiling():
         return torch.ops.selora.linear_backward
@@ -149,29 +158,44 @@ class SeLoRALinearFunction(torch.autograd.Function):
     """y = x W0^T + b0 + s (x A^T) B^T with the SeLoRA backward; what SeLoRALinear calls.
 
     fisher_probe: None, or the (3, capacity + 1) leaf whose gradient receives the Fisher statistics while
-    `measuring`. scale: a float, or (under torch.compile) a 0-d float64 CPU tensor holding s. W0 and b0 stay frozen (no gradient is computed for them)."""
+    `measuring`. grad_enabled: torch.is_grad_enabled() at the call (a training forward that is not
+    measuring keeps U = x A^T for the fused backward, M x 16 or 32 fp32 values per layer). scale: a float, or (under torch.compile) a 0-d float64 CPU tensor holding s. W0 and b0 stay frozen (no gradient is computed for them)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                 trial_row: Tensor, live_rank: Tensor, fisher_probe: Optional[Tensor], scale,
-                num_samples: int, per_sample_multiplier: float, measuring: bool) -> Tensor:
-        ctx.save_for_backward(x, weight, lora_a, lora_b, trial_row, live_rank)
+                num_samples: int, per_sample_multiplier: float, measuring: bool,
+                grad_enabled: bool = False) -> Tensor:
         ctx.scale = scale
         ctx.num_samples = num_samples
         ctx.per_sample_multiplier = per_sample_multiplier
         ctx.measuring = measuring and fisher_probe is not None
         ctx.probe_dtype = fisher_probe.dtype if fisher_probe is not None else None
+        ctx.kept = False
         if isinstance(scale, Tensor):  # only the op takes s as a tensor (under torch.compile)
-            return torch.ops.selora.linear(x, weight, bias, lora_a, lora_b, 1.0, live_rank, scale)
-        return _forward_implementation(x)(x, weight, bias, lora_a, lora_b, scale, live_rank)
+            y = torch.ops.selora.linear(x, weight, bias, lora_a, lora_b, 1.0, live_rank, scale)
+        elif grad_enabled and not ctx.measuring and keeps_forward_tensors(x, ctx.needs_input_grad):
+            # the fused forward keeps U = x A^T, so the backward reads x once (cuda_impl.forward_cuda)
+            y, kept = forward_cuda(x, weight, bias, lora_a, lora_b, scale, live_rank, keep=True)
+            if kept is not None:
+                ctx.kept = True
+                ctx.save_for_backward(x, weight, lora_a, lora_b, trial_row, live_rank, *kept)
+                return y
+        else:
+            y = _forward_implementation(x)(x, weight, bias, lora_a, lora_b, scale, live_rank)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, trial_row, live_rank)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x, weight, lora_a, lora_b, trial_row, live_rank = ctx.saved_tensors
+        x, weight, lora_a, lora_b, trial_row, live_rank, *kept = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grad_x, grad_a, grad_b, fisher = _gradients(_backward_implementation(x), needs, grad_y, x, weight, lora_a,
+        backward = _backward_implementation(x)
+        if ctx.kept:
+            backward = functools.partial(backward_cuda, kept=tuple(kept))
+        grad_x, grad_a, grad_b, fisher = _gradients(backward, needs, grad_y, x, weight, lora_a,
                                                     lora_b, trial_row, live_rank, ctx.scale, ctx.num_samples,
                                                     ctx.per_sample_multiplier, ctx.measuring)
         probe_grad = fisher.to(ctx.probe_dtype) if ctx.measuring else None
         return (grad_x if needs[0] else None, None, None, grad_a if needs[3] else None,
-                grad_b if needs[4] else None, None, None, probe_grad, None, None, None, None)
+                grad_b if needs[4] else None, None, None, probe_grad, None, None, None, None, None)

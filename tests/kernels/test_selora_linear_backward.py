@@ -19,13 +19,14 @@ def test_interpreter_suite():
 
 
 # ------------------------------------------------------------------------------------------ backward
-def _check_backward(case, dtype, num_samples, scale, multiplier, measuring, compute_grad_x, what=""):
+def _check_backward(case, dtype, num_samples, scale, multiplier, measuring, compute_grad_x, what="", kept=None):
     from selora_kernels.kernels.selora_linear_backward import selora_linear_backward_triton
     from selora_kernels.ops.reference import backward_reference
 
     args = (case["grad_y"], case["x"], case["weight"], case["lora_a"], case["lora_b"], case["trial_row"],
             case["live_rank"])
-    out = selora_linear_backward_triton(*args, scale, num_samples, multiplier, measuring, compute_grad_x)
+    out = selora_linear_backward_triton(*args, scale, num_samples, multiplier, measuring, compute_grad_x,
+                                        kept=kept)
     ref = f64(case)
     expected = backward_reference(ref["grad_y"], ref["x"], ref["weight"], ref["lora_a"], ref["lora_b"],
                                   ref["trial_row"], ref["live_rank"], scale, num_samples, multiplier, measuring,
@@ -59,6 +60,51 @@ def test_backward_matches_float64(shape, dtype, measuring):
     _, num_samples, tokens, in_f, out_f, capacity, rank = shape
     case = make_case(num_samples, tokens, in_f, out_f, capacity, rank, dtype, seed=1, garbage_dead_slots=True)
     _check_backward(case, dtype, num_samples, 0.5, float(num_samples), measuring, compute_grad_x=True)
+
+
+def _training_forward(case, scale=0.5):
+    """The fused forward of a training step that is not measuring: y and what it keeps for the backward."""
+    from selora_kernels.kernels.selora_linear_forward import selora_linear_forward_triton
+
+    return selora_linear_forward_triton(case["x"], case["weight"], case["bias"], case["lora_a"], case["lora_b"],
+                                        scale, keep=(case["live_rank"],))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_backward_from_the_forwards_kept_u_matches_float64(shape, dtype):
+    """A training forward that is not measuring keeps U = x A^T (live slots): y is unchanged, U is the
+    float64 U, and the backward that skips its own pass over x for U matches the reference."""
+    from selora_kernels.ops.reference import forward_reference
+
+    _, num_samples, tokens, in_f, out_f, capacity, rank = shape
+    case = make_case(num_samples, tokens, in_f, out_f, capacity, rank, dtype, seed=3, garbage_dead_slots=True)
+    y, kept = _training_forward(case)
+    ref = f64(case)
+    live_a, live_b = ref["lora_a"].clone(), ref["lora_b"].clone()
+    live_a[rank:], live_b[:, rank:] = 0, 0  # the masked math: dead slots hold garbage here
+    assert_rel_close(y, forward_reference(ref["x"], ref["weight"], ref["bias"], live_a, live_b, 0.5),
+                     REL_TOL[dtype], "y")
+    low_rank, = kept
+    expected_u = torch.zeros(low_rank.shape, dtype=torch.float64)
+    expected_u[:, :rank] = ref["x"] @ ref["lora_a"][:rank].t()
+    assert_rel_close(low_rank, expected_u, REL_TOL[dtype], "kept U")
+    for compute_grad_x in (True, False):
+        _check_backward(case, dtype, num_samples, 0.5, float(num_samples), False, compute_grad_x,
+                        what=f" (kept U, grad_x={compute_grad_x})", kept=kept)
+
+
+@needs_kernels
+def test_kept_u_must_match_the_backward():
+    from selora_kernels.kernels.selora_linear_backward import selora_linear_backward_triton
+
+    case = make_case(2, 9, 24, 20, 15, 3, torch.float32, seed=8)
+    _, kept = _training_forward(case)
+    args = (case["grad_y"], case["x"], case["weight"], case["lora_a"], case["lora_b"], case["trial_row"],
+            case["live_rank"], 0.5, 2, 2.0)
+    with pytest.raises(ValueError, match="kept forward tensors"):
+        selora_linear_backward_triton(*args, True, True, kept=kept)  # measuring needs the trial column
 
 
 @needs_kernels
@@ -96,6 +142,9 @@ def test_backward_writes_everything_it_returns(monkeypatch, measuring):
     monkeypatch.setattr(torch, "empty", poisoned_empty)
     for compute_grad_x in (True, False):
         _check_backward(case, torch.float32, 3, 0.5, 3.0, measuring, compute_grad_x, f" x={compute_grad_x}")
+        if not measuring:
+            _check_backward(case, torch.float32, 3, 0.5, 3.0, measuring, compute_grad_x, f" x={compute_grad_x} kept",
+                            kept=_training_forward(case)[1])
 
 
 @needs_kernels

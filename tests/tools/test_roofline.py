@@ -114,25 +114,38 @@ def _count_launches(monkeypatch, fn, *args):
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="the launchers import triton")
+@pytest.mark.parametrize("kept", [False, True], ids=["own_u", "kept_u"])
 @pytest.mark.parametrize("measuring", [False, True], ids=["plain", "measuring"])
-def test_backward_model_counts_the_launches_the_launcher_makes(monkeypatch, measuring):
+def test_backward_model_counts_the_launches_the_launcher_makes(monkeypatch, measuring, kept):
     from selora_kernels.kernels.selora_linear_backward import selora_linear_backward_triton
+    from selora_kernels.kernels.selora_linear_forward import selora_linear_forward_triton
 
     layer = roofline.Layer(rows=4 * 77, d_in=48, d_out=40, rank=3, capacity=15, dtype="fp16", samples=4)
     t = dict(dtype=torch.float16)
-    args = (torch.zeros(layer.rows, layer.d_out, **t), torch.zeros(layer.rows, layer.d_in, **t),
-            torch.zeros(layer.d_out, layer.d_in, **t), torch.zeros(layer.capacity, layer.d_in, **t),
-            torch.zeros(layer.d_out, layer.capacity, **t), torch.zeros(layer.d_in, **t),
-            torch.tensor(layer.rank), 0.5, layer.samples, 4.0, measuring, True)
+    x, weight = torch.zeros(layer.rows, layer.d_in, **t), torch.zeros(layer.d_out, layer.d_in, **t)
+    lora_a, lora_b = torch.zeros(layer.capacity, layer.d_in, **t), torch.zeros(layer.d_out, layer.capacity, **t)
+    trial, live_rank = torch.zeros(layer.d_in, **t), torch.tensor(layer.rank)
+    kept_tensors, kept_holder = None, []
+    if kept and measuring:
+        pytest.skip("a measuring forward keeps nothing")
+    if kept:  # what the fused training forward keeps (one launch, counted by the forward's model)
+        forward_launches, _, _ = _count_launches(
+            monkeypatch, lambda: kept_holder.append(selora_linear_forward_triton(
+                x, weight, None, lora_a, lora_b, 0.5, keep=(live_rank,))[1]))
+        assert forward_launches == ["_fused_lowrank_matmul_kernel"]
+        kept_tensors = kept_holder[0]
+    args = (torch.zeros(layer.rows, layer.d_out, **t), x, weight, lora_a, lora_b, trial, live_rank, 0.5,
+            layer.samples, 4.0, measuring, True, kept_tensors)
     kernels, ops, allocations = _count_launches(monkeypatch, selora_linear_backward_triton, *args)
-    modelled = roofline.ours_fused_backward(layer, measuring)
+    modelled = roofline.ours_fused_backward(layer, measuring, kept=kept)
     assert len(kernels) + len(ops) == len(modelled), (kernels, ops, [k.name for k in modelled])
     assert allocations == 5  # the four outputs and one workspace for every fp32 scratch buffer
     # no fill launch for the statistics: the collect kernel writes them measuring, dA's finalize zeroes them
     # otherwise; measuring adds one launch (the collect). dB has no reduction launch: grad_x emits its partials
-    assert ops == [] and len(kernels) == (6 if measuring else 5)
+    assert ops == [] and len(kernels) == (6 if measuring else 5) - kept
     assert kernels.count("_segment_reduce_kernel") == 1
     assert ("_fisher_collect_kernel" in kernels) == measuring
+    assert ("_shrink_kernel" in kernels) != kept  # a kept U spares the second pass over x
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="the launchers import triton")
