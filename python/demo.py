@@ -5,7 +5,7 @@
 Pre-trains a tiny Stable Diffusion pipeline on a generic synthetic domain (once; cached by recipe hash, nothing
 downloaded), fine-tunes SeLoRA (lambda 1.1, t 40) and the LoRA r=4 baseline from it on the same deterministic
 synthetic "chest X-ray" set (48 grayscale phantoms with captions, 36 train / 12 validation), generates the
-validation prompts with the base and each method (50 steps, guidance 7.5, 3 seeds) and writes a report (table
+validation prompts with the base and each method (50 steps, guidance 2, 3 seeds) and writes a report (table
 with mean and spread over seeds, sample grid base / methods / real, rank heatmaps, curves, peak memory).
 Scores: distances in the base VAE's feature space; plus FID and CLIP score with --inception-weights and
 --clip-model (local weights).

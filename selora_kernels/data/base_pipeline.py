@@ -3,10 +3,12 @@
     folder = ensure_base_pipeline("runs/base_cache")      # built once (a few minutes on 2 CPU cores), then reused
 
 Recipe (BaseRecipe): the tiny pipeline's configs with random weights (seeded), then
-1. the VAE trained as an autoencoder on the generic images (MSE + a small KL term), its latent scaling factor
-   set to 1 / std of the latents it gives (as Stable Diffusion's 0.18215 was chosen);
-2. the UNet and the text encoder trained together on epsilon-prediction over the VAE latents, with 10 % of the
-   captions replaced by the empty prompt so classifier-free guidance has an unconditional model to work with.
+1. the VAE trained as a deterministic autoencoder on random 32-px crops of the generic images (MSE plus a
+   weighted MSE of the chroma, so grey stays grey), its latent scaling factor set to 1 / std of the latents
+   it gives over whole images (as Stable Diffusion's 0.18215 was chosen);
+2. the UNet and the text encoder trained together on v-prediction over the VAE latents (zero-terminal-SNR
+   schedule, BASE_SCHEDULE), with 10 % of the captions replaced by the empty prompt so classifier-free guidance
+   has an unconditional model to work with.
 
 The cache folder is `<cache dir>/base-<hash>`, the hash over the recipe, the model configs, the tokenizer words,
 a digest of the generated data and BASE_CODE_VERSION: any change gives a new folder. A build is written to a
@@ -35,11 +37,27 @@ from .tiny_pipeline import (TEXT_ENCODER_CONFIG, TINY_RESOLUTION, TOKENIZER_WORD
                             build_tiny_pipeline)
 
 # 2 groups: with one channel per group (the test pipeline's 8), GroupNorm removes each channel's mean, i.e. the
-# colour and brightness of the image, and the autoencoder learned them far more slowly
-BASE_VAE_CONFIG = {**VAE_CONFIG, "norm_num_groups": 2}
+# colour and brightness of the image, and the autoencoder learned them far more slowly.
+# 3 levels (16x16 latents at 64 px): the test pipeline's 4 levels (8x8 latents) learned no more than an 8x8
+# thumbnail in the pre-training budget (phantoms decoded blurred and tinted, 18 dB PSNR); this one gives ~27 dB.
+BASE_VAE_CONFIG = {**VAE_CONFIG, "block_out_channels": (8, 16, 16), "down_block_types": ("DownEncoderBlock2D",) * 3,
+                   "up_block_types": ("UpDecoderBlock2D",) * 3, "norm_num_groups": 2}
+# For 16x16 latents: a narrow 16x16 level (no attention) around the test UNet's two levels, which then work at
+# 8x8 and 4x4 (cross-attention at 8x8), so a step costs about 15 % more than the test UNet's on 8x8 latents.
+# Attention at 16x16 instead doubled the step time.
+BASE_UNET_CONFIG = {**UNET_CONFIG, "sample_size": 16, "block_out_channels": (16, 32, 64),
+                    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")}
+
+# v-prediction on a zero-terminal-SNR schedule, sampled from t = 999 ("trailing"). With Stable Diffusion 1's
+# schedule (epsilon, a little signal left at the last step) the samples' overall brightness and colour followed
+# the initial noise's low frequencies, which fine-tuning could not override: phantoms came out tinted and never
+# black. The saved scheduler config carries this to fine-tuning (the trainer's target follows prediction_type)
+# and to sampling.
+BASE_SCHEDULE = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
 # bump when the training code changes what a recipe produces (the data digest covers the data generator)
-BASE_CODE_VERSION = 2
+BASE_CODE_VERSION = 3
 BASE_WORDS = tuple(TOKENIZER_WORDS) + BASE_DOMAIN_WORDS
 META_FILE = "base_recipe.json"
 
@@ -49,15 +67,22 @@ class BaseRecipe:
     seed: int = 0
     image_count: int = 512
     resolution: int = TINY_RESOLUTION
-    vae_steps: int = 700
+    vae_steps: int = 2400
     vae_batch_size: int = 16
-    vae_lr: float = 2e-3
-    unet_steps: int = 1400
+    vae_lr: float = 4e-3
+    # random crops (side in pixels, on the latent grid; 0: whole images): a 32-px crop step costs a quarter of a
+    # 64-px one, and the convolutional autoencoder learns the same local reconstruction from it
+    vae_crop: int = 32
+    # weight of the chroma term (each pixel's RGB minus its mean): grey has to decode grey, not tinted
+    vae_chroma_weight: float = 2.0
+    unet_steps: int = 1100
     unet_batch_size: int = 32
     unet_lr: float = 1e-3
     warmup_steps: int = 50
     caption_dropout: float = 0.1
-    threads: int = 2  # fixed: the thread count changes float summation order, hence the weights
+    # fixed: the thread count changes float summation order, hence the weights. 1: these tensors are too small
+    # to share, and on 2 busy cores a 2-thread step took 1.7x as long as a 1-thread one (min of 10, measured)
+    threads: int = 1
 
 
 def data_digest(recipe: BaseRecipe) -> str:
@@ -71,9 +96,9 @@ def data_digest(recipe: BaseRecipe) -> str:
 
 def recipe_key(recipe: BaseRecipe) -> Dict[str, object]:
     """Everything that decides the base's weights."""
-    return {"recipe": asdict(recipe), "code_version": BASE_CODE_VERSION, "vae": BASE_VAE_CONFIG, "unet": UNET_CONFIG,
-            "text_encoder": TEXT_ENCODER_CONFIG, "words": list(BASE_WORDS), "data": data_digest(recipe),
-            "torch": torch.__version__.split("+")[0]}
+    return {"recipe": asdict(recipe), "code_version": BASE_CODE_VERSION, "vae": BASE_VAE_CONFIG,
+            "schedule": BASE_SCHEDULE, "unet": BASE_UNET_CONFIG, "text_encoder": TEXT_ENCODER_CONFIG,
+            "words": list(BASE_WORDS), "data": data_digest(recipe), "torch": torch.__version__.split("+")[0]}
 
 
 def recipe_hash(recipe: BaseRecipe) -> str:
@@ -99,7 +124,7 @@ def _bar(total: int, desc: str, progress: bool):
 
 def pretrain_base(recipe: BaseRecipe = BaseRecipe(), progress: bool = True):
     """(pipeline, stats): the tiny pipeline pre-trained by `recipe`; deterministic for a recipe."""
-    from diffusers import DDPMScheduler  # heavy: imported when a base is pre-trained
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel  # heavy: only when pre-training
 
     started = time.perf_counter()
     threads = torch.get_num_threads()
@@ -108,6 +133,9 @@ def pretrain_base(recipe: BaseRecipe = BaseRecipe(), progress: bool = True):
         with torch.random.fork_rng():
             torch.manual_seed(recipe.seed)
             pipe = build_tiny_pipeline(seed=recipe.seed, words=BASE_WORDS, vae_config=BASE_VAE_CONFIG)
+            torch.manual_seed(recipe.seed)  # the test pipeline's builder takes no UNet config: swap in the base's
+            pipe.register_modules(unet=UNet2DConditionModel(**BASE_UNET_CONFIG),
+                                  scheduler=DDIMScheduler.from_config(pipe.scheduler.config, **BASE_SCHEDULE))
             records = generic_records(recipe.image_count, recipe.resolution, recipe.seed)
             pixels = torch.stack([preprocess_image(r.image, recipe.resolution) for r in records])
             gen = torch.Generator().manual_seed(recipe.seed)
@@ -137,11 +165,13 @@ def _train_vae(vae, pixels: torch.Tensor, recipe: BaseRecipe, gen: torch.Generat
     for step in range(recipe.vae_steps):
         for group in optimizer.param_groups:
             group["lr"] = recipe.vae_lr * _schedule(step, recipe.vae_steps, recipe.warmup_steps)
-        batch = pixels[torch.randint(len(pixels), (recipe.vae_batch_size,), generator=gen)]
+        batch = _crop(pixels[torch.randint(len(pixels), (recipe.vae_batch_size,), generator=gen)], recipe.vae_crop,
+                      gen)
         # a deterministic autoencoder in AutoencoderKL form: decoding noisy samples slowed learning several
         # fold in this step budget; the variance head is pinned to ~0 afterwards (_make_deterministic)
         reconstruction = vae.decode(vae.encode(batch).latent_dist.mean).sample
-        loss = F.mse_loss(reconstruction, batch)
+        loss = F.mse_loss(reconstruction, batch) + recipe.vae_chroma_weight * F.mse_loss(
+            _chroma(reconstruction), _chroma(batch))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -152,6 +182,20 @@ def _train_vae(vae, pixels: torch.Tensor, recipe: BaseRecipe, gen: torch.Generat
     vae.eval().requires_grad_(False)
     _make_deterministic(vae)
     return round(sum(recent) / max(1, len(recent)), 5)
+
+
+def _crop(batch: torch.Tensor, side: int, gen: torch.Generator, grid: int = 8) -> torch.Tensor:
+    """One random `side` x `side` window of the batch, its corner on the `grid` (the VAE's downsampling), so crops
+    see the same alignment as whole images; side 0 or the full size: the batch itself."""
+    size = batch.shape[-1]
+    if not side or side >= size:
+        return batch
+    top, left = (int(v) * grid for v in torch.randint((size - side) // grid + 1, (2,), generator=gen))
+    return batch[..., top:top + side, left:left + side]
+
+
+def _chroma(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels - pixels.mean(dim=1, keepdim=True)
 
 
 @torch.no_grad()
@@ -191,7 +235,8 @@ def _train_denoiser(pipe, latents, ids, empty, recipe: BaseRecipe, gen, schedule
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=gen)
         noisy = scheduler.add_noise(clean, noise, timesteps)
         hidden = text_encoder(tokens, return_dict=False)[0]
-        loss = F.mse_loss(unet(noisy, timesteps, hidden, return_dict=False)[0], noise)
+        target = scheduler.get_velocity(clean, noise, timesteps)
+        loss = F.mse_loss(unet(noisy, timesteps, hidden, return_dict=False)[0], target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
