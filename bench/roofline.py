@@ -212,16 +212,18 @@ def merged_baseline(layer: Layer, mode: str) -> Estimate:
 
 # --- ours -----------------------------------------------------------------------------------------------
 
-def ours_fused_forward(layer: Layer, keep: bool = False) -> List[Kernel]:
-    """One kernel: x read once, the R_PAD-wide rank dot recomputed per output-column tile (R_PAD / BN).
+def ours_fused_forward(layer: Layer, keep: bool = False, multiprocessors: int = 132) -> List[Kernel]:
+    """One kernel: x read once, the R_PAD-wide rank dot computed once per program, a program covering a
+    group of output-column tiles (launch_table.column_group: at least a wave of programs).
     keep (a training forward that is not measuring): also writes U = x A^T (fp32) for the backward."""
     m, i, o, e, d = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype
     r_pad = launch_table.r_pad_for(max(layer.capacity, 1))
     blocks = launch_table.blocks_for("forward", d, m)
-    tiles_n = math.ceil(o / blocks.block_n)
-    flops = 2.0 * m * i * o + 2.0 * m * i * r_pad * tiles_n + _EXPAND_DOTS[d] * 2.0 * m * r_pad * o
+    tiles_m, tiles_n = math.ceil(m / blocks.block_m), math.ceil(o / blocks.block_n)
+    groups = math.ceil(tiles_n / launch_table.column_group(tiles_m, tiles_n, multiprocessors))
+    flops = 2.0 * m * i * o + 2.0 * m * i * r_pad * groups + _EXPAND_DOTS[d] * 2.0 * m * r_pad * o
     moved = e * (m * i + i * o + r_pad * (i + o) + m * o + o) + (4 * m * r_pad if keep else 0)
-    return [Kernel("fused forward", flops, moved, d, math.ceil(m / blocks.block_m) * tiles_n, True)]
+    return [Kernel("fused forward", flops, moved, d, tiles_m * groups, True)]
 
 
 # tensor-core dots of _fp32_rank_dot: bf16 splits the fp32 rank factor into hi + lo (two bf16 dots);
@@ -239,41 +241,36 @@ def ours_merged_forward(layer: Layer) -> List[Kernel]:
 def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 132,
                         kept: bool = False) -> List[Kernel]:
     """kernels/selora_linear_backward.py: shrink (U; skipped when a fused training forward that was not
-    measuring `kept` it),
-    grad_x (emits P and dB's per-row-tile partials), dA's segment reduction, a finalize for each of dA and
-    dB, and the Fisher collect while measuring."""
+    measuring `kept` it), grad_x (dx, plus dA's and dB's pieces per group of row tiles), one finalize for both
+    gradients, and the Fisher collect while measuring."""
+    from selora_kernels.kernels.selora_linear_backward import grad_x_groups
+
     m, i, o, e, d = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype
     r_pad = launch_table.r_pad_for(statistics_width(layer.capacity, measuring))
     segments = layer.samples if measuring else 1
-    grad_x_blocks = launch_table.blocks_for("grad_x", d, m)
-    tiles_in = math.ceil(i / grad_x_blocks.block_n)
-    row_tiles = math.ceil(m / grad_x_blocks.block_m)
-    partials_b = (row_tiles + segments - 1) * r_pad * o
-    # the statistics: written whole by the collect kernel when measuring, zeroed by dA's finalize otherwise
-    # (no fill launch either way)
+    blocks = launch_table.blocks_for("grad_x", d, m)
+    tiles_in = math.ceil(i / blocks.block_n)
+    row_tiles = math.ceil(m / blocks.block_m)
+    group, _ = grad_x_groups(m, i, d, m // segments, 2 * multiprocessors)
+    pieces = math.ceil(row_tiles / group) + segments - 1
+    partials = pieces * r_pad * (i + o)  # fp32, dA's then dB's
     kernels = [] if kept else [
         Kernel("shrink U = x A_ext^T", 2.0 * m * i * r_pad, e * (m * i + r_pad * i) + 4 * m * r_pad, d,
                math.ceil(m / launch_table.blocks_for("shrink", d).block_m), True)]
-    kernels += [
-        Kernel("grad_x (emits P, dB partials)", 2.0 * m * o * i + 2.0 * m * o * r_pad * tiles_in
-               + _EXPAND_DOTS[d] * 2.0 * m * r_pad * (i + o),
-               e * (m * o + o * i + r_pad * (i + o) + m * i) + 4 * m * r_pad * 2 + 4 * partials_b, d,
-               row_tiles * tiles_in, True),
-    ]
-    blocks = launch_table.blocks_for("segment_reduce", d)
-    tiles_a = math.ceil(i / blocks.block_n)
-    chunks, _ = launch_table.segment_chunks(m // segments, segments, tiles_a, blocks, 2 * multiprocessors)
-    partials_a = segments * chunks * r_pad * i
+    # P = dy B is recomputed by each column tile (R_PAD / BN of the main loop); the expand, dA's and dB's
+    # piece dots run at fp32 precision on the rank factor (_EXPAND_DOTS)
+    kernels.append(Kernel(
+        "grad_x (dx, dA and dB pieces)",
+        2.0 * m * o * i + 2.0 * m * o * r_pad * tiles_in + _EXPAND_DOTS[d] * 2.0 * m * r_pad * (2 * i + o),
+        e * (m * o + o * i + r_pad * (i + o) + 2 * m * i) + 4 * m * r_pad + 4 * partials, d,
+        math.ceil(row_tiles / group) * tiles_in, True))
+    # reads each fp32 piece once (4 B) and writes both gradients in the operand dtype; zeroes the
+    # statistics when not measuring (no fill launch either way)
     stats = 3 * (layer.capacity + 1)
-    kernels += [Kernel("segment reduce dA", _EXPAND_DOTS[d] * 2.0 * m * r_pad * i,
-                       4 * m * r_pad + e * m * i + 4 * partials_a, d, segments * chunks * tiles_a, True),
-                # each reads its fp32 partials once (4 B each) and writes the gradient in the operand dtype;
-                # dA's also zeroes the statistics when not measuring
-                elementwise("finalize dA", partials_a, r_pad * i + (0 if measuring else stats), 4, e),
-                elementwise("finalize dB", partials_b, r_pad * o, 4, e)]
+    kernels.append(elementwise("finalize dA, dB", partials, r_pad * (i + o) + (0 if measuring else stats), 4, e))
     if measuring:  # _fisher_collect_kernel: per-tile sums of both reductions into the statistics
         tiles = sum(math.ceil(depth / launch_table.blocks_for("finalize", d).block_n) for depth in (i, o))
-        kernels += [elementwise("fisher collect", tiles * r_pad, stats, 4)]
+        kernels.append(elementwise("fisher collect", tiles * r_pad, stats, 4))
     return kernels
 
 
@@ -281,19 +278,21 @@ def ours(layer: Layer, mode: str, forward_path: str, measuring: bool = False,
          multiprocessors: int = 132) -> Estimate:
     # a fused training forward that is not measuring keeps U for the backward (ops/selora_linear.py)
     kept = mode != "fwd" and forward_path == "fused" and not measuring
-    est = Estimate(ours_fused_forward(layer, kept) if forward_path == "fused" else ours_merged_forward(layer))
+    est = Estimate(ours_fused_forward(layer, kept, multiprocessors) if forward_path == "fused"
+                   else ours_merged_forward(layer))
     if mode != "fwd":
         est += ours_fused_backward(layer, measuring, multiprocessors, kept=kept)
     return est
 
 
-def dispatched_forward_path(layer: Layer) -> str:
-    """What ops/cuda_impl.choose_forward_path picks for this layer (the rules are pure: no GPU needed)."""
+def dispatched_forward_path(layer: Layer, training: bool = False) -> str:
+    """What ops/cuda_impl.choose_forward_path picks for this layer (the rules are pure: no GPU needed);
+    training: a training forward that is not measuring."""
     from selora_kernels.ops.cuda_impl import choose_forward_path
 
     import torch
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[layer.dtype]
-    path = choose_forward_path(layer.rows, layer.d_in, layer.d_out, layer.capacity, dtype)
+    path = choose_forward_path(layer.rows, layer.d_in, layer.d_out, layer.capacity, dtype, training=training)
     return "fused" if path == "reference" else path  # without triton the rules say reference: model fused
 
 
@@ -344,7 +343,7 @@ def linear_case(params: dict, ceilings: Ceilings, fp32_precision: str = "highest
                 launch_us: float = LAUNCH_US) -> dict:
     """Floors of every provider of a bench_selora_linear case, and the predicted value of its targets."""
     layer, mode = _layer(params), params["mode"]
-    path = dispatched_forward_path(layer)
+    path = dispatched_forward_path(layer, training=mode != "fwd")  # fwd_bwd: a training step
     providers = {"ours": ours(layer, mode, path, multiprocessors=ceilings.multiprocessors),
                  "ours_fused": ours(layer, mode, "fused", multiprocessors=ceilings.multiprocessors),
                  "ours_merged": ours(layer, mode, "merged", multiprocessors=ceilings.multiprocessors),
@@ -365,16 +364,18 @@ def fisher_case(params: dict, ceilings: Ceilings, fp32_precision: str = "highest
                 launch_us: float = LAUNCH_US) -> dict:
     """Floors of a bench_selora_linear_fisher case: ours with and without measuring, vmap and bmm Fisher."""
     layer = _layer(params)
-    path = dispatched_forward_path(layer)
+    path = dispatched_forward_path(layer, training=True)
+    measuring_path = dispatched_forward_path(layer)  # a measuring forward keeps nothing: the inference rules
     sms = ceilings.multiprocessors
-    providers = {"ours_fisher": ours(layer, "fwd_bwd", path, True, sms),
+    providers = {"ours_fisher": ours(layer, "fwd_bwd", measuring_path, True, sms),
                  "ours_no_fisher": ours(layer, "fwd_bwd", path, False, sms),
                  "vmap_fisher": vmap_fisher(layer), "bmm_fisher": bmm_fisher(layer)}
     out = {name: est.summary(ceilings, fp32_precision, launch_us) for name, est in providers.items()}
     t = {name: s["estimate_us"] for name, s in out.items()}
     increment = t["ours_fisher"] - t["ours_no_fisher"]
     return {"ceilings": ceilings.name, "fp32_precision": fp32_precision, "launch_us": launch_us,
-            "forward_path": path, "providers": out, "increment_us": increment,
+            "forward_path": path, "measuring_forward_path": measuring_path, "providers": out,
+            "increment_us": increment,
             "predicted_targets": {
                 "fwd_bwd_with_fisher_within_1.10x_without": t["ours_fisher"] / t["ours_no_fisher"],
                 "fisher_increment_20x_smaller_than_vmap": t["vmap_fisher"] / increment if increment > 0 else math.inf}}
@@ -403,7 +404,7 @@ def _gpu_params():
 
 
 def prediction_table(ceilings: Ceilings = H100, launch_us: float = LAUNCH_US) -> str:
-    rows = ["| layer | r | dtype | fwd path | fwd / frozen | peft fwd / ours | fwd+bwd: ours / frozen | "
+    rows = ["| layer | r | dtype | fwd path: inference, training | fwd / frozen | peft fwd / ours | fwd+bwd: ours / frozen | "
             "peft / ours | Fisher: with / without | vmap / increment | bound (ours fwd, fwd+bwd) |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape, rank, capacity, dtype in _gpu_params():
@@ -417,7 +418,8 @@ def prediction_table(ceilings: Ceilings = H100, launch_us: float = LAUNCH_US) ->
 
         f = fisher["predicted_targets"]
         rows.append(
-            f"| {shape.name} {shape.batch}x{shape.tokens} | {rank} | {dtype} | {fwd['forward_path']} | "
+            f"| {shape.name} {shape.batch}x{shape.tokens} | {rank} | {dtype} | "
+            f"{fwd['forward_path']}, {both['forward_path']} | "
             f"{ratio(fwd, 'ours', 'frozen'):.2f} | {ratio(fwd, 'peft', 'ours'):.1f} | "
             f"{ratio(both, 'ours', 'frozen'):.2f} | {ratio(both, 'peft', 'ours'):.1f} | "
             f"{f['fwd_bwd_with_fisher_within_1.10x_without']:.2f} | "

@@ -134,7 +134,7 @@ def _launch_config(launch) -> launch_table.LaunchConfig:
     bound.update(launch.kwargs)
     kw = launch.kwargs
     dtype_of = {"forward": "x_ptr", "grad_x": "x_ptr", "shrink": "x_ptr", "segment_reduce": "x_ptr",
-                "finalize": "grad_ptr"}
+                "finalize": "grad_a_ptr"}
     dtype = _DTYPE_NAMES[str(bound[dtype_of[kernel]].dtype)] if kernel in dtype_of else "fp32"
     r_pad = kw["R_PAD"]
     warps, stages = kw.get("num_warps", 4), kw.get("num_stages", 3)
@@ -142,8 +142,8 @@ def _launch_config(launch) -> launch_table.LaunchConfig:
         blocks = launch_table.Blocks(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], warps, stages)
         size = launch_table.size_class(bound["rows"])
         flags = (("DOT_PRECISION", kw["DOT_PRECISION"]),)
-        if kernel == "forward":
-            flags += (("HAS_BIAS", kw["HAS_BIAS"]), ("KEEP", kw["EMIT_LOW_RANK"]))
+        flags += ((("HAS_BIAS", kw["HAS_BIAS"]), ("KEEP", kw["EMIT_LOW_RANK"])) if kernel == "forward"
+                  else (("GROUPED", kw["GROUPED"]),))
     elif kernel == "shrink":
         blocks = launch_table.Blocks(kw["BLOCK_M"], 0, kw["BLOCK_K"], warps, stages)
         size = "any"
@@ -155,7 +155,7 @@ def _launch_config(launch) -> launch_table.LaunchConfig:
         flags = (("DOT_PRECISION", kw["DOT_PRECISION"]),)
     elif kernel == "finalize":
         blocks, size, flags = launch_table.Blocks(kw["BLOCK_P"], kw["BLOCK_N"], 0, warps, stages), "any", \
-            (("FISHER", kw["FISHER"]), ("ROW_TILES", kw["ROW_TILES"]))
+            (("FISHER", kw["FISHER"]),)
     else:
         blocks, size, flags = launch_table.Blocks(0, kw["BLOCK"], 0, warps, stages), "any", ()
     return launch_table.LaunchConfig(kernel, dtype, r_pad, blocks, size, flags)

@@ -91,15 +91,17 @@ def _recording(sink: List[Launch], origin: List[str], multiprocessors: int):
     from selora_kernels.kernels import selora_linear_forward as fwd
 
     names = {fwd: ("_fused_lowrank_matmul_kernel",),
-             bwd: ("_shrink_kernel", "_segment_reduce_kernel", "_finalize_grad_and_fisher_kernel",
+             bwd: ("_shrink_kernel", "_grad_x_reduce_kernel", "_segment_reduce_kernel",
+                   "_finalize_grad_and_fisher_kernel",
                    "_fisher_collect_kernel")}
     saved = []
     for module, functions in names.items():
         for name in functions:
             saved.append((module, name, getattr(module, name)))
             setattr(module, name, _Recorder(getattr(module, name), sink, origin))
-    saved.append((bwd, "_target_programs", bwd._target_programs))
-    bwd._target_programs = lambda device: 2 * multiprocessors
+    for module in (fwd, bwd):
+        saved.append((module, "target_programs", module.target_programs))
+        module.target_programs = lambda device: 2 * multiprocessors
     try:
         yield
     finally:
@@ -167,7 +169,8 @@ def _sd_launches(origin: List[str]):
                             origin[0] = tag + ":forward"
                             selora_linear_forward_triton(x, weight, bias, lora_a, lora_b, 0.5)
                         # a training forward on the fused path keeps U; its backward then skips the shrink
-                        trains_fused = choose_forward_path(rows, d_in, d_out, capacity, dtype) == "fused"
+                        trains_fused = choose_forward_path(rows, d_in, d_out, capacity, dtype,
+                                                           training=True) == "fused"
                         for measuring in (False, True):
                             if not _fused_backward(capacity, dtype, measuring):
                                 continue
@@ -277,9 +280,8 @@ def specialise(launch: Launch, arch: int) -> Tuple[dict, dict, dict, dict]:
 def kernel_label(launch: Launch) -> str:
     """The launch-table kernel name of a recorded call."""
     name = launch.fn.fn.__name__
-    if name == "_fused_lowrank_matmul_kernel":
-        return "grad_x" if launch.kwargs.get("EMIT_RANK_PARTIAL") else "forward"
-    return {"_shrink_kernel": "shrink", "_segment_reduce_kernel": "segment_reduce",
+    return {"_fused_lowrank_matmul_kernel": "forward", "_grad_x_reduce_kernel": "grad_x",
+            "_shrink_kernel": "shrink", "_segment_reduce_kernel": "segment_reduce",
             "_finalize_grad_and_fisher_kernel": "finalize", "_fisher_collect_kernel": "fisher_collect"}[name]
 
 

@@ -47,25 +47,16 @@ def _forward_spec(config: LaunchConfig):
     # the dtype names of the launch table are Triton's pointer element types
     dtype = config.dtype
     flags = dict(config.flags)
-    is_forward = config.kernel == "forward"
-    has_bias = bool(flags.get("HAS_BIAS", is_forward))
     b = config.blocks
     fn = jit_function(config.kernel)
-    # forward: x (M,in) s=(in,1), W0^T view strides (1,in), A^T view (1,in), B^T view (1,cap)
-    # grad_x: dy (M,out) s=(out,1), W0 view (in,1), B view (cap,1), A view (in,1)
-    unit = {"stride_xk": 1, "stride_on": 1}
-    if is_forward:
-        unit.update(stride_wk=1, stride_rk=1, stride_er=1)
-    else:
-        unit.update(stride_wn=1, stride_rr=1, stride_en=1)
-    keep = not is_forward or bool(flags.get("KEEP", False))  # grad_x, or a training forward keeping U
-    constexprs = dict(HAS_BIAS=has_bias, MASK_LIVE=keep, EMIT_LOW_RANK=keep,
-                      EMIT_RANK_PARTIAL=not is_forward,
+    # x (M,in) s=(in,1), W0^T view strides (1,in), A^T view (1,in), B^T view (1,cap)
+    keep = bool(flags.get("KEEP", False))  # a training forward keeping U
+    constexprs = dict(HAS_BIAS=bool(flags.get("HAS_BIAS", True)), MASK_LIVE=keep, EMIT_LOW_RANK=keep,
                       R_PAD=config.r_pad, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k,
-                      GROUP_M=launch_table.GROUP_M, DOT_PRECISION=flags.get("DOT_PRECISION", "tf32"), **unit)
+                      GROUP_M=launch_table.GROUP_M, DOT_PRECISION=flags.get("DOT_PRECISION", "tf32"),
+                      stride_xk=1, stride_on=1, stride_wk=1, stride_rk=1, stride_er=1)
     pointer_types = {"x_ptr": dtype, "wt_ptr": dtype, "bias_ptr": dtype, "rank_in_ptr": dtype,
-                     "rank_out_ptr": dtype, "live_rank_ptr": "i64", "low_rank_ptr": "fp32", "out_ptr": dtype,
-                     "u_ptr": "fp32", "partial_ptr": "fp32"}
+                     "rank_out_ptr": dtype, "live_rank_ptr": "i64", "low_rank_ptr": "fp32", "out_ptr": dtype}
     signature, attrs = aot_signature(fn.arg_names, pointer_types, constexprs)
     return fn, signature, constexprs, attrs
 
@@ -85,6 +76,14 @@ def _backward_spec(config: LaunchConfig):
         pointers = {"x_ptr": dtype, "slot_rows_ptr": dtype, "trial_row_ptr": dtype, "live_rank_ptr": "i64",
                     "out_ptr": "fp32", "nonfinite_ptr": "fp32", "u_ptr": "fp32", "partial_ptr": "fp32"}
         floats = ()
+    elif config.kernel == "grad_x":
+        # dy (M,out) s=(out,1), W0 (out,in) s=(in,1), B (out,cap) s=(cap,1), A (cap,in) s=(in,1), x, dx rows
+        constexprs = dict(GROUPED=bool(flags["GROUPED"]), R_PAD=config.r_pad, BLOCK_M=b.block_m,
+                          BLOCK_N=b.block_n, BLOCK_K=b.block_k, DOT_PRECISION=precision,
+                          stride_yo=1, stride_wi=1, stride_br=1, stride_ai=1, stride_xi=1, stride_di=1)
+        pointers = {"dy_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "a_ptr": dtype, "live_rank_ptr": "i64",
+                    "u_ptr": "fp32", "x_ptr": dtype, "dx_ptr": dtype, "partial_ptr": "fp32"}
+        floats = ("scale",)
     elif config.kernel == "segment_reduce":
         constexprs = dict(R_PAD=config.r_pad, BLOCK_N=b.block_n, BLOCK_T=b.block_k, DOT_PRECISION=precision,
                           stride_xd=1)
@@ -92,9 +91,8 @@ def _backward_spec(config: LaunchConfig):
         floats = ()
     elif config.kernel == "finalize":
         # grad_a is written row-major, grad_b through its transpose: leave both strides unspecialised
-        constexprs = dict(FISHER=bool(flags["FISHER"]), ROW_TILES=bool(flags["ROW_TILES"]), R_PAD=config.r_pad,
-                          BLOCK_P=b.block_m, BLOCK_N=b.block_n)
-        pointers = {"partial_ptr": "fp32", "grad_ptr": dtype, "fisher_ptr": "fp32"}
+        constexprs = dict(FISHER=bool(flags["FISHER"]), R_PAD=config.r_pad, BLOCK_P=b.block_m, BLOCK_N=b.block_n)
+        pointers = {"partial_ptr": "fp32", "grad_a_ptr": dtype, "grad_b_ptr": dtype, "fisher_ptr": "fp32"}
         floats = ("scale", "fisher_factor")
     elif config.kernel == "fisher_collect":
         constexprs = dict(R_PAD=config.r_pad, BLOCK=config.blocks.block_n)
@@ -102,7 +100,8 @@ def _backward_spec(config: LaunchConfig):
         floats = ("sample_count",)
     else:
         raise KeyError(f"{config.kernel!r} is not a backward kernel")
-    not_divisible = ("stride_sd", "stride_gr", "stride_gd")  # B's column stride is the capacity (e.g. 15)
+    # B's row stride is the capacity (e.g. 15); grad_b is written through its transpose
+    not_divisible = ("stride_sd", "stride_bo", "stride_ar", "stride_ad", "stride_br", "stride_bd")
     signature, attrs = aot_signature(fn.arg_names, pointers, constexprs, floats, not_divisible)
     return fn, signature, constexprs, attrs
 
@@ -112,7 +111,7 @@ def aot_spec(config: LaunchConfig):
 
     Mirrors a launch with contiguous row-major tensors: unit strides are specialised to 1 and pointers
     and leading strides are 16-divisible, as Triton's JIT specialises them on such inputs."""
-    if config.kernel in ("forward", "grad_x"):
+    if config.kernel == "forward":
         return _forward_spec(config)
     return _backward_spec(config)
 

@@ -60,7 +60,7 @@ class LaunchConfig:
 # Kernel name -> (module under selora_kernels.kernels, jit function name, uses tl.dot)
 KERNELS: Dict[str, Tuple[str, str, bool]] = {
     "forward": ("selora_linear_forward", "_fused_lowrank_matmul_kernel", True),
-    "grad_x": ("selora_linear_forward", "_fused_lowrank_matmul_kernel", True),
+    "grad_x": ("selora_linear_backward", "_grad_x_reduce_kernel", True),
     "shrink": ("selora_linear_backward", "_shrink_kernel", True),
     "segment_reduce": ("selora_linear_backward", "_segment_reduce_kernel", True),
     "finalize": ("selora_linear_backward", "_finalize_grad_and_fisher_kernel", False),
@@ -70,15 +70,16 @@ KERNELS: Dict[str, Tuple[str, str, bool]] = {
 # Block tables. Why these sizes (compiled numbers: bench/results/static_triton.json):
 # - GEMM kernels (forward, grad_x): 8 warps with BN = 64. At 4 warps a 128 x 64 tile sits at 255
 #   registers and spills at R_PAD 32 (fp16's tf32x3 epilogue is the heaviest); 128 x 128 at 8 warps
-#   spills in grad_x on sm_80. BN 64 makes the recomputed rank dot R_PAD / BN of the main loop, hidden
-#   while the layer is memory-bound (SD level-1 shapes).
+#   spills in grad_x on sm_80. BN 64 keeps the tile small; the forward's rank dot is not redone per
+#   column tile (one per program, see column_group), grad_x's P = dy B still is (R_PAD / BN of its loop).
 # - fp32: half-size K tiles (twice the bytes per element); IEEE dots run on the SIMT units and need more
 #   registers per output, hence 8 warps for 64 x 64 and a 32-row shrink tile.
 # - small (M <= 64): 8 warps for half precision and BK 16 for fp32. Compiled with the specialisation real
 #   launches get (tools/static_check_triton.py), 32 x 64 x 64 on 4 warps spilled (255 registers, up to
 #   184 B of stack at R_PAD 32, 8-56 B at R_PAD 16) and fp32 32 x 64 x 32 spilled 8 B at R_PAD 32 (IEEE).
-# - fp32 large forward: 32 rows; a training forward keeping U with the trial slot spilled 16 B at 64 rows
-#   (IEEE, sm_90; the trial slot has since left the forward).
+# - fp32 forward: 32 rows on 4 warps. The forward computes the rank product once per program and then
+#   loops over its column tiles; on 8 warps that loop kept an 8-24 B stack frame at IEEE, R_PAD 16 (sm_90,
+#   128 registers, both Tritons); 64 rows with the trial slot spilled 16 B earlier.
 # - large: BK 32 with 4 stages for half precision (the same bytes in flight as BK 64 with 2) and BK 16 for
 #   fp32. Under Triton 3.6 (the GPU image's) 128 x 64 x 64 spilled 8 B at R_PAD 16 on sm_80 (255 registers)
 #   and fp32 IEEE 64 x 64 x 32 spilled 16 B on sm_90; the smaller K tiles stay <= 219 registers on both
@@ -86,19 +87,23 @@ KERNELS: Dict[str, Tuple[str, str, bool]] = {
 _GEMM_BLOCKS = {
     ("fp16", "large"): Blocks(128, 64, 32, 8, 4),
     ("bf16", "large"): Blocks(128, 64, 32, 8, 4),
-    ("fp32", "large"): Blocks(32, 64, 16, 8, 3),
+    ("fp32", "large"): Blocks(32, 64, 16, 4, 3),
     ("fp16", "small"): Blocks(32, 64, 64, 8, 3),
     ("bf16", "small"): Blocks(32, 64, 64, 8, 3),
-    ("fp32", "small"): Blocks(32, 64, 16, 8, 3),
+    ("fp32", "small"): Blocks(32, 64, 16, 4, 3),
 }
-# grad_x also emits dB's partials after its main loop (a second pass over its row tile of dy), which adds
-# fp32 rank operands: where the forward's tile then spilled (fp16 R_PAD 32 at 128 rows: 8 B on sm_80; fp32
-# IEEE small at R_PAD 16: 8 B) grad_x takes its own tile. bf16 keeps 128 rows (fewer dB partials).
+# grad_x (selora_linear_backward._grad_x_reduce_kernel) also sums dA's piece (P^T x) and, in a second pass,
+# dB's (U^T dy), which adds fp32 rank operands to the forward's tile: compiled on real launches, the fp32
+# 64-row tile spilled (IEEE, up to 304 B at R_PAD 32), and so did the half small tile with BK 64 under Triton
+# 3.6 (16 B, sm_90) and fp32 small with 3 stages (8 B); these take their own tiles. bf16 and fp16 large keep
+# 128 / 64 rows (fewer pieces per row).
 _GRAD_X_BLOCKS = {
     **_GEMM_BLOCKS,
     ("fp16", "large"): Blocks(64, 64, 32, 8, 4),
-    ("fp32", "large"): Blocks(64, 64, 16, 8, 3),
-    ("fp32", "small"): Blocks(32, 64, 16, 4, 3),
+    ("fp16", "small"): Blocks(32, 64, 32, 8, 3),
+    ("bf16", "small"): Blocks(32, 64, 32, 8, 3),
+    ("fp32", "large"): Blocks(32, 64, 16, 8, 3),
+    ("fp32", "small"): Blocks(32, 64, 16, 8, 2),
 }
 _SHRINK_BLOCKS = {  # (M x D) @ (D x R_PAD): one program per row tile loops over all of D
     "fp16": Blocks(64, 0, 32, 4, 3),  # BK 64: P's shrink with dB's partials spilled 40 B at R_PAD 32 (sm_80)
@@ -144,6 +149,14 @@ def blocks_for(kernel: str, dtype: str, rows: int = 0) -> Blocks:
     raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(KERNELS)}")
 
 
+def column_group(tiles_m: int, tiles_n: int, min_programs: int) -> int:
+    """Column tiles per forward program: as many as still leave `min_programs` programs (a wave), so the
+    rank product x A^T, computed once per program, is computed once per row tile wherever there are enough
+    row tiles (SD level 1) and a few times, not once per column tile, elsewhere."""
+    groups = min(tiles_n, max(1, -(-min_programs // tiles_m)))
+    return -(-tiles_n // groups)
+
+
 def segment_chunks(segment_rows: int, segments: int, column_tiles: int, blocks: Blocks,
                    target_programs: int) -> Tuple[int, int]:
     """(chunks per sample, rows per chunk) of dA's segment reduction over `column_tiles` column tiles: about `target_programs` programs in all (two waves on a GPU), chunk boundaries on
@@ -177,16 +190,16 @@ def all_launch_configs() -> Iterator[LaunchConfig]:
                         for keep in (False, True):  # inference, or a training forward keeping U
                             yield LaunchConfig("forward", dtype, r_pad, _GEMM_BLOCKS[(dtype, size)], size,
                                                dot + (("HAS_BIAS", has_bias), ("KEEP", keep)))
-                    yield LaunchConfig("grad_x", dtype, r_pad, _GRAD_X_BLOCKS[(dtype, size)], size, dot)
+                    for grouped in (True, False):  # row-tile groups inside a sample, or pieces split by sample
+                        yield LaunchConfig("grad_x", dtype, r_pad, _GRAD_X_BLOCKS[(dtype, size)], size,
+                                           dot + (("GROUPED", grouped),))
                 # U = x A_ext^T (trial slot live only while measuring); P = dy B when grad_x is skipped (it
                 # also emits dB's partials)
                 for operand, with_trial in (("A", False), ("A", True), ("B", False)):
                     yield LaunchConfig("shrink", dtype, r_pad, _SHRINK_BLOCKS[dtype], "any",
                                        dot + (("OPERAND", operand), ("HAS_TRIAL", with_trial)))
                 yield LaunchConfig("segment_reduce", dtype, r_pad, _SEGMENT_BLOCKS[dtype], "any", dot)
-            for fisher in (False, True):
-                for row_tiles in (False, True):  # dA's chunk partials, dB's row-tile partials
-                    yield LaunchConfig("finalize", dtype, r_pad, _FINALIZE_BLOCKS, "any",
-                                       (("FISHER", fisher), ("ROW_TILES", row_tiles)))
+            for fisher in (False, True):  # one launch sums dA's and dB's pieces
+                yield LaunchConfig("finalize", dtype, r_pad, _FINALIZE_BLOCKS, "any", (("FISHER", fisher),))
     for r_pad in R_PADS:  # fp32 statistics whatever the operand dtype
         yield LaunchConfig("fisher_collect", "fp32", r_pad, _COLLECT_BLOCKS, "any")

@@ -12,25 +12,23 @@ Math (docs/algorithm.md, ops/reference.py), mask_k = [k < live_rank] read from a
 Launches (all deterministic: fixed-order reductions, no atomics):
   1. `_shrink_kernel`: U = x A_ext^T, where A_ext appends the trial row as slot `capacity` while measuring,
      with each program's count of non-finite input rows. Skipped when a training forward that was not
-     measuring kept U (`kept`, selora_linear_forward.py): then the backward reads x once.
-  2. grad_x: the forward kernel mirrored (selora_linear_forward.py) emits P and, from its first column
-     tile, dB's per-sample partials U^T dy per row tile; without grad_x, `_shrink_kernel` computes P = dy B
-     and emits the same partials. dy is read by this launch only.
-  3. `_segment_reduce_kernel` (P, x) -> dA: the token reduction split at sample boundaries and into chunks
-     inside a sample, each chunk writing an fp32 partial R_PAD x in.
-  4. `_finalize_grad_and_fisher_kernel` twice (dA's chunks, dB's row tiles): per (depth tile, slot) sums
-     each sample's pieces (32 per load), adds the sum into the gradient and, when FISHER, squares
-     (c g_i)^2 into an fp32 per-tile sum. Not measuring, dA's also zeroes the statistics tensor (no fill
-     launch). (One launch for both gradients, branching on the program id, was tried: its two branches
-     compiled with separate pipeline buffers, twice the shared memory, and a stack frame under triton 3.6.)
-  5. While measuring, `_fisher_collect_kernel` sums the per-tile Fisher sums in tile order and the
-     non-finite row counts, and writes the whole statistics tensor (layout: selora_kernels/fisher_stats.py):
-     one launch instead of five small torch ops.
-  4 launches not measuring when the forward kept U, 5 otherwise; 6 measuring.
+     measuring kept U (`kept`, selora_linear_forward.py).
+  2. `_grad_x_reduce_kernel`, one program per (group of row tiles, input-column tile): dx = dy W0 + s P A
+     (the forward's form mirrored), and from the same program dA's piece P^T x (the x tile of its output
+     columns) and dB's piece U^T dy (its share of the output columns, from the group's dy rows it has just
+     streamed: L2). A group sums its row tiles into one piece per gradient (inside one sample while
+     measuring; `grad_x_groups` sizes groups to keep about two waves of programs), so the backward reads x
+     and dy once each and writes few fp32 pieces. Where x needs no gradient, `_shrink_kernel` computes
+     P = dy B with dB's pieces per row tile and `_segment_reduce_kernel` dA's pieces (chunks per sample).
+  3. `_finalize_grad_and_fisher_kernel`, one launch for both gradients: per (depth tile, slot) sums each
+     sample's pieces (32 per load), adds the sum into the gradient and, when FISHER, squares (c g_i)^2 into
+     an fp32 per-tile sum. Not measuring, it also zeroes the statistics tensor (no fill launch).
+  4. While measuring, `_fisher_collect_kernel` sums the per-tile Fisher sums in tile order and the
+     non-finite row counts, and writes the whole statistics tensor (layout: selora_kernels/fisher_stats.py).
+  2 launches not measuring when the forward kept U, 3 otherwise; 4 measuring (5 without grad_x).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -40,8 +38,7 @@ import triton.language as tl
 from ..fisher_stats import (FISHER_COL_NONFINITE, FISHER_COL_SAMPLES, FISHER_ROW_A, FISHER_ROW_B,
                             FISHER_ROW_COUNT, statistics_shape, statistics_width)
 from . import launch_table
-from .selora_linear_forward import (_fp32_rank_dot, _store_rank_partials, current_dot_precision, dtype_name,
-                                    launch_fused_lowrank_matmul)
+from .selora_linear_forward import _fp32_rank_dot, current_dot_precision, dtype_name, target_programs
 
 # The statistics layout as compile-time constants of _fisher_collect_kernel (jit functions read only
 # constexpr globals).
@@ -86,12 +83,13 @@ def _shrink_kernel(x_ptr, slot_rows_ptr, trial_row_ptr, live_rank_ptr, out_ptr, 
     tl.store(out_ptr + offs_m[:, None] * R_PAD + slots[None, :], acc, mask=row_ok[:, None])
     if EMIT_RANK_PARTIAL:
         # a second pass over this row tile of dy (from L2): inside the main loop it spilled at R_PAD 32
+        u_t = tl.load(u_ptr + offs_m[None, :] * R_PAD + slots[:, None], mask=row_ok[None, :], other=0.0)
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xd
         for k in range(0, tl.cdiv(depth, BLOCK_K)):
             k_ok = offs_k < depth - k * BLOCK_K
             x_tile = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            _store_rank_partials(u_ptr, x_tile, partial_ptr, pid, offs_m, row_ok, k * BLOCK_K + offs_k, k_ok,
-                                 rows, segment_rows, depth, R_PAD, BLOCK_M, DOT_PRECISION)
+            _store_sample_pieces(u_t, x_tile, partial_ptr, pid, offs_m, k * BLOCK_K + offs_k, k_ok, rows,
+                                 segment_rows, depth, R_PAD, BLOCK_M, DOT_PRECISION)
             x_ptrs += BLOCK_K * stride_xd
     if HAS_TRIAL:
         # measuring: count the rows of x holding inf/NaN. Their trial column x . trial_row is not finite (a
@@ -100,6 +98,115 @@ def _shrink_kernel(x_ptr, slot_rows_ptr, trial_row_ptr, live_rank_ptr, out_ptr, 
         trial_u = tl.sum(tl.where((slots == capacity)[None, :], acc, 0.0), axis=1)
         finite_row = (trial_u - trial_u) == 0.0
         tl.store(nonfinite_ptr + pid, tl.sum(tl.where(finite_row | ~row_ok, 0.0, 1.0), axis=0))
+
+
+@triton.jit
+def _store_sample_pieces(low_rank_t, operand, partial_ptr, tile_m, offs_m, cols, col_ok, rows, segment_rows,
+                         depth, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """partial[tile_m + i, k, cols] = sum over the rows t of this row tile in sample i of L[t, k] X[t, cols].
+
+    low_rank_t: L^T for the tile's rows (R_PAD x BLOCK_M, fp32, zeros outside the matrix); operand: the
+    BLOCK_M x len(cols) tile of X. Index tile + sample is unique (tiles and samples are both increasing in
+    the row) and contiguous per sample, the layout the finalize kernel sums per sample."""
+    slots = tl.arange(0, R_PAD)
+    first = (tile_m * BLOCK_M) // segment_rows
+    last = (tl.minimum(tile_m * BLOCK_M + BLOCK_M, rows) - 1) // segment_rows
+    for segment in range(first, last + 1):
+        start = segment * segment_rows
+        in_segment = (offs_m >= start) & (offs_m < start + segment_rows)
+        part = _fp32_rank_dot(tl.where(in_segment[None, :], low_rank_t, 0.0), operand,
+                              tl.zeros((R_PAD, operand.shape[1]), dtype=tl.float32), DOT_PRECISION)
+        tl.store(partial_ptr + ((tile_m + segment) * R_PAD + slots[:, None]) * depth + cols[None, :], part,
+                 mask=col_ok[None, :])
+
+
+@triton.jit
+def _grad_x_reduce_kernel(
+        dy_ptr, w_ptr, b_ptr, a_ptr, live_rank_ptr, u_ptr, x_ptr, dx_ptr, partial_ptr,
+        rows, d_out, d_in, capacity, scale, segment_rows, group_tiles, slice_b, offset_b,
+        stride_ym, stride_yo, stride_wo, stride_wi, stride_bo, stride_br, stride_ar, stride_ai,
+        stride_xm, stride_xi, stride_dm, stride_di,
+        GROUPED: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Program (row group g, input-column tile n), a group being `group_tiles` row tiles:
+    #   dx[rows, n] = dy W0[:, n] + s P A[:, n], P = (dy B) . mask, for each row tile of the group;
+    #   dA piece  += P^T x[rows, n]          (from the x tile this program reads, once over the grid)
+    #   dB piece  += U^T dy[rows, slice n]   (a second pass over the group's dy rows, this program's share
+    #                                         of the output columns: the dy tiles it has just streamed, L2)
+    # GROUPED: every group lies inside one sample and writes one piece (index g + sample) per gradient.
+    # Otherwise (a row tile crosses a sample boundary) a group is one row tile and writes one piece per
+    # sample it touches (index tile + sample). Either way the finalize kernel sums pieces per sample.
+    pid_g = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    slots = tl.arange(0, R_PAD)
+    col_ok = offs_n < d_in
+    slot_ok = slots < capacity
+    live = slots < tl.load(live_rank_ptr)
+    first_tile = pid_g * group_tiles
+    last_tile = tl.minimum(first_tile + group_tiles, tl.cdiv(rows, BLOCK_M))
+    piece = pid_g + (first_tile * BLOCK_M) // segment_rows
+    # the group's dA piece is summed in place in its own slot of `partial` (this program's alone, L2-resident):
+    # an R_PAD x BLOCK_N accumulator held in registers across the main loop spilled at R_PAD 32
+    piece_a_ptrs = partial_ptr + (piece * R_PAD + slots[:, None]) * d_in + offs_n[None, :]
+    for tile_m in range(first_tile, last_tile):
+        offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < rows
+        dy_ptrs = dy_ptr + offs_m[:, None] * stride_ym + offs_k[None, :] * stride_yo
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wo + offs_n[None, :] * stride_wi
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bo + slots[None, :] * stride_br
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        proj = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for k in range(0, tl.cdiv(d_out, BLOCK_K)):
+            k_ok = offs_k < d_out - k * BLOCK_K
+            dy_tile = tl.load(dy_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w_tile = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            b_tile = tl.load(b_ptrs, mask=k_ok[:, None] & slot_ok[None, :], other=0.0)
+            # the same dy tile feeds the frozen product and P: dy is read once by the main loop
+            acc = tl.dot(dy_tile, w_tile, acc, input_precision=DOT_PRECISION)
+            proj = tl.dot(dy_tile, b_tile, proj, input_precision=DOT_PRECISION)
+            dy_ptrs += BLOCK_K * stride_yo
+            w_ptrs += BLOCK_K * stride_wo
+            b_ptrs += BLOCK_K * stride_bo
+        # dead slots get exactly zero whatever their contents; the rank stays on the device (no sync)
+        proj = tl.where(live[None, :], proj, 0.0)
+        a_tile = tl.load(a_ptr + slots[:, None] * stride_ar + offs_n[None, :] * stride_ai,
+                         mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _fp32_rank_dot(proj * scale, a_tile, acc, DOT_PRECISION)
+        tl.store(dx_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_di,
+                 acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xi,
+                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if GROUPED:
+            acc_a = tl.load(piece_a_ptrs, mask=col_ok[None, :] & (tile_m > first_tile), other=0.0)
+            acc_a = _fp32_rank_dot(tl.trans(proj), x_tile, acc_a, DOT_PRECISION)
+            tl.store(piece_a_ptrs, acc_a, mask=col_ok[None, :])
+            tl.debug_barrier()  # the next tile's load of the piece sees every thread's store
+        else:
+            _store_sample_pieces(tl.trans(proj), x_tile, partial_ptr, tile_m, offs_m, offs_n, col_ok, rows,
+                                 segment_rows, d_in, R_PAD, BLOCK_M, DOT_PRECISION)
+    # dB: this program's share of the output columns, BLOCK_K at a time, over the group's rows
+    cols_end = tl.minimum(pid_n * slice_b + slice_b, d_out)
+    # not software-pipelined (num_stages=1): prefetching the fp32 U^T tiles of this pass spilled at R_PAD 32
+    for start in tl.range(pid_n * slice_b, cols_end, BLOCK_K, num_stages=1):
+        cols = start + offs_k
+        cols_ok = cols < cols_end
+        acc_b = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+        for tile_m in tl.range(first_tile, last_tile, num_stages=1):
+            offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < rows
+            u_t = tl.load(u_ptr + offs_m[None, :] * R_PAD + slots[:, None], mask=row_ok[None, :], other=0.0)
+            dy_tile = tl.load(dy_ptr + offs_m[:, None] * stride_ym + cols[None, :] * stride_yo,
+                              mask=row_ok[:, None] & cols_ok[None, :], other=0.0)
+            if GROUPED:
+                acc_b = _fp32_rank_dot(u_t, dy_tile, acc_b, DOT_PRECISION)
+            else:
+                _store_sample_pieces(u_t, dy_tile, partial_ptr + offset_b, tile_m, offs_m, cols, cols_ok, rows,
+                                     segment_rows, d_out, R_PAD, BLOCK_M, DOT_PRECISION)
+        if GROUPED:
+            tl.store(partial_ptr + offset_b + (piece * R_PAD + slots[:, None]) * d_out + cols[None, :], acc_b,
+                     mask=cols_ok[None, :])
 
 
 @triton.jit
@@ -133,51 +240,59 @@ def _segment_reduce_kernel(low_rank_ptr, x_ptr, partial_ptr,
 
 
 @triton.jit
-def _finalize_grad_and_fisher_kernel(partial_ptr, grad_ptr, fisher_ptr,
-                     segments, chunks, segment_rows, piece_rows, depth, capacity, scale, fisher_factor,
-                     zero_count, stride_gr, stride_gd,
-                     FISHER: tl.constexpr, ROW_TILES: tl.constexpr, R_PAD: tl.constexpr,
-                     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    # One program per (depth tile, slot k). g_i = sum of sample i's pieces (its gradient / s);
-    # grad[k] = s sum_i g_i; fisher tile[k] = sum_i sum_n (c g_i)^2. Pieces of sample i: chunks i*chunks ..
-    # (dA, segment reduction), or with ROW_TILES the row tiles of piece_rows rows touching it, each at
-    # index tile + i (dB, emitted by the dy pass).
-    pid_n = tl.program_id(0)
+def _finalize_grad_and_fisher_kernel(partial_ptr, grad_a_ptr, grad_b_ptr, fisher_ptr,
+                     segments, tiles_a, depth_a, depth_b, offset_b, chunks_a, piece_rows_a, piece_rows_b,
+                     segment_rows, capacity, scale, fisher_factor, zero_count,
+                     stride_ar, stride_ad, stride_br, stride_bd,
+                     FISHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program per (depth tile, slot k) of dA (the first tiles_a tiles) or dB (the rest), one code path
+    # for both (the values differ, not the code: two branches compiled twice the pipeline buffers).
+    # g_i = sum of sample i's pieces (its gradient / s); grad[k] = s sum_i g_i; fisher tile[k] =
+    # sum_i sum_n (c g_i)^2. Pieces of sample i: with piece_rows > 0 the row groups of piece_rows rows
+    # touching it, each at index group + i (grad_x, the dy pass); with piece_rows 0 (dA after the segment
+    # reduction) chunks i*chunks_a .. (i+1)*chunks_a - 1. dB's pieces start offset_b elements into partial.
+    pid = tl.program_id(0)
     slot = tl.program_id(1)
     if not FISHER:
         # not measuring: one program zeroes the first zero_count entries of the statistics tensor
         # (fisher_ptr), which saves the fill launch of a torch.zeros
-        if pid_n == 0 and slot == 0:
+        if pid == 0 and slot == 0:
             for start in range(0, zero_count, BLOCK_N):
                 offs = start + tl.arange(0, BLOCK_N)
                 tl.store(fisher_ptr + offs, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=offs < zero_count)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    is_b = pid >= tiles_a
+    depth = tl.where(is_b, depth_b, depth_a)
+    piece_rows = tl.where(is_b, piece_rows_b, piece_rows_a)
+    rows_per_piece = tl.maximum(piece_rows, 1)
+    base = partial_ptr + tl.where(is_b, offset_b, 0)
+    offs_n = (pid - tl.where(is_b, tiles_a, 0)) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, BLOCK_P)
     col_ok = offs_n < depth
     grad = tl.zeros((BLOCK_N,), dtype=tl.float32)
     fisher = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for segment in range(0, segments):
-        if ROW_TILES:
-            first = (segment * segment_rows) // piece_rows + segment
-            end = (segment * segment_rows + segment_rows - 1) // piece_rows + segment + 1
-        else:
-            first = segment * chunks
-            end = first + chunks
+        first_row = segment * segment_rows
+        first = tl.where(piece_rows > 0, first_row // rows_per_piece + segment, segment * chunks_a)
+        end = tl.where(piece_rows > 0, (first_row + segment_rows - 1) // rows_per_piece + segment + 1,
+                       segment * chunks_a + chunks_a)
         # BLOCK_P pieces per load, summed in a fixed tree: latency of cdiv(pieces, BLOCK_P) loads, not pieces
         block = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
         for start in range(first, end, BLOCK_P):
             pieces = start + offs_p
-            block += tl.load(partial_ptr + (pieces[:, None] * R_PAD + slot) * depth + offs_n[None, :],
+            block += tl.load(base + (pieces[:, None] * R_PAD + slot) * depth + offs_n[None, :],
                              mask=(pieces < end)[:, None] & col_ok[None, :], other=0.0)
         sample_grad = tl.sum(block, axis=0)
         grad += sample_grad
         if FISHER:
             sample_grad = sample_grad * fisher_factor
             fisher += sample_grad * sample_grad
-    tl.store(grad_ptr + slot * stride_gr + offs_n * stride_gd, (grad * scale).to(grad_ptr.dtype.element_ty),
-             mask=col_ok & (slot < capacity))
+    value = (grad * scale).to(grad_a_ptr.dtype.element_ty)
+    ok = col_ok & (slot < capacity)
+    # one of the two stores is fully masked: the program writes dA's or dB's tile
+    tl.store(grad_a_ptr + slot * stride_ar + offs_n * stride_ad, value, mask=ok & (pid < tiles_a))
+    tl.store(grad_b_ptr + slot * stride_br + offs_n * stride_bd, value, mask=ok & is_b)
     if FISHER:
-        tl.store(fisher_ptr + pid_n * R_PAD + slot, tl.sum(fisher, axis=0))
+        tl.store(fisher_ptr + pid * R_PAD + slot, tl.sum(fisher, axis=0))
 
 
 @triton.jit
@@ -203,18 +318,6 @@ def _fisher_collect_kernel(tiles_a_ptr, tiles_b_ptr, nonfinite_ptr, fisher_ptr, 
     tl.store(fisher_ptr + _ROW_B * width + slots, fisher_b, mask=in_row)
     count_row = tl.where(slots == _COL_SAMPLES, sample_count, tl.where(slots == _COL_NONFINITE, bad_rows, 0.0))
     tl.store(fisher_ptr + _ROW_COUNT * width + slots, count_row, mask=in_row)
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _target_programs(device: torch.device) -> int:
-    """About two waves of programs: enough chunks to fill the GPU, few enough to keep partials small."""
-    if device.type == "cuda":
-        return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    return 4  # interpreter: a few chunks so the chunked path is exercised
 
 
 class _Workspace:
@@ -254,46 +357,95 @@ def _shrink(x, slot_rows, slot_strides, trial_row, live_rank, out, nonfinite, ca
         num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
-def dy_pass_row_tile(rows: int, dtype_name_: str, compute_grad_x: bool) -> int:
-    """Rows per dB partial: the row tile of the kernel that reads dy (grad_x, or the shrink of P)."""
-    kernel = "grad_x" if compute_grad_x else "shrink"
-    return launch_table.blocks_for(kernel, dtype_name_, rows).block_m
+MIN_PIECE_ROWS = 64
+
+
+def grad_x_groups(rows: int, d_in: int, dtype_name_: str, segment_rows: int, target_programs: int):
+    """(row tiles per group, grouped) of the grad_x launch: groups of whole row tiles, as many as keep about
+    `target_programs` programs busy, so each program sums its group into one piece per gradient (fewer fp32
+    pieces to write and read back than one per row tile). grouped: every group lies inside one sample; when
+    a row tile crosses a sample boundary, groups are single tiles that split their pieces by sample."""
+    blocks = launch_table.blocks_for("grad_x", dtype_name_, rows)
+    tiles_m = triton.cdiv(rows, blocks.block_m)
+    # at least MIN_PIECE_ROWS rows per piece (fp32 32-row tiles), whatever the program count: the pieces
+    # cost 8 R_PAD bytes per column and group, against 2 or 4 bytes per column and row of x and dy
+    group = max(tiles_m * triton.cdiv(d_in, blocks.block_n) // max(1, target_programs),
+                triton.cdiv(MIN_PIECE_ROWS, blocks.block_m))
+    group = max(1, min(tiles_m, group))
+    if segment_rows >= rows:  # one sample: any grouping
+        return group, True
+    if segment_rows % blocks.block_m:
+        return 1, False
+    while (segment_rows // blocks.block_m) % group:
+        group -= 1
+    return group, True
 
 
 class _ReducePlan:
-    """Where dA's and dB's per-sample partials come from and how the finalize launches sum them.
+    """Where dA's and dB's per-sample partials come from and how the finalize launch sums them.
 
-    dA: the segment reduction over (P, x), chunks inside each sample (about `target_programs` programs).
-    dB: one partial per (row tile of the dy pass, sample it touches), emitted by grad_x or the shrink of P:
-    tiles + samples - 1 pieces at most."""
+    With grad_x: both from the grad_x launch, one piece per (row group, sample it touches) and gradient:
+    groups + samples - 1 pieces at most. Without (x needs no gradient): dA from the segment reduction over
+    (P, x), chunks inside each sample (about `target_programs` programs), dB from the shrink of P, one piece
+    per (row tile, sample it touches)."""
 
     def __init__(self, rows, depth_a, depth_b, dtype_name_, segments, r_pad, target_programs, compute_grad_x):
-        self.blocks = launch_table.blocks_for("segment_reduce", dtype_name_)
         self.final = launch_table.blocks_for("finalize", dtype_name_)
         self.segment_rows = rows // segments
-        self.tiles_a = triton.cdiv(depth_a, self.blocks.block_n)
-        self.chunks, self.chunk_rows = launch_table.segment_chunks(self.segment_rows, segments, self.tiles_a,
-                                                                   self.blocks, target_programs)
-        self.row_tile_b = dy_pass_row_tile(rows, dtype_name_, compute_grad_x)
         self.final_tiles = (triton.cdiv(depth_a, self.final.block_n), triton.cdiv(depth_b, self.final.block_n))
-        self.partial_shapes = ((segments * self.chunks, r_pad, depth_a),
-                               (triton.cdiv(rows, self.row_tile_b) + segments - 1, r_pad, depth_b))
+        if compute_grad_x:
+            self.grad_x = launch_table.blocks_for("grad_x", dtype_name_, rows)
+            self.group_tiles, self.grouped = grad_x_groups(rows, depth_a, dtype_name_, self.segment_rows,
+                                                           target_programs)
+            self.piece_rows_a = self.piece_rows_b = self.group_tiles * self.grad_x.block_m
+            self.chunks = 1
+            pieces = triton.cdiv(triton.cdiv(rows, self.grad_x.block_m), self.group_tiles) + segments - 1
+            pieces_a = pieces_b = pieces
+        else:
+            self.blocks = launch_table.blocks_for("segment_reduce", dtype_name_)
+            self.tiles_a = triton.cdiv(depth_a, self.blocks.block_n)
+            self.chunks, self.chunk_rows = launch_table.segment_chunks(self.segment_rows, segments, self.tiles_a,
+                                                                       self.blocks, target_programs)
+            self.piece_rows_a = 0  # chunks
+            self.piece_rows_b = launch_table.blocks_for("shrink", dtype_name_).block_m
+            pieces_a = segments * self.chunks
+            pieces_b = triton.cdiv(rows, self.piece_rows_b) + segments - 1
+        self.partial_shapes = ((pieces_a, r_pad, depth_a), (pieces_b, r_pad, depth_b))
 
 
-def _finalize(plan, which, partial, grad, grad_strides, fisher_tiles, capacity, r_pad, scale, segments,
-              fisher_factor, measuring, zero_stats=None):
-    """grad (written in place through grad_strides) = s * the sum of the partials; `which` is 0 for dA,
-    1 for dB. Per-tile Fisher sums go to fisher_tiles while measuring; otherwise `zero_stats`, when given,
-    is the statistics tensor this launch zeroes."""
-    depth = partial.shape[2]
+def _grad_x(plan, grad_y, weight, lora_a, lora_b, live_rank, low_rank, x, grad_x, partial, offset_b, capacity, scale,
+            r_pad):
+    """dx, and dA's and dB's pieces into `partial` (dB's from element offset_b): one launch."""
+    rows, d_out = grad_y.shape
+    d_in = x.shape[1]
+    blocks = plan.grad_x
+    tiles_n = triton.cdiv(d_in, blocks.block_n)
+    # dB's output columns shared among the programs of a group, BLOCK_K at a time
+    slice_b = triton.cdiv(triton.cdiv(d_out, tiles_n), blocks.block_k) * blocks.block_k
+    grid = (triton.cdiv(triton.cdiv(rows, blocks.block_m), plan.group_tiles), tiles_n)
+    _grad_x_reduce_kernel[grid](
+        grad_y, weight, lora_b, lora_a, live_rank, low_rank, x, grad_x, partial,
+        rows, d_out, d_in, capacity, float(scale), plan.segment_rows, plan.group_tiles, slice_b, offset_b,
+        grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), lora_b.stride(0), lora_b.stride(1),
+        lora_a.stride(0), lora_a.stride(1), x.stride(0), x.stride(1), grad_x.stride(0), grad_x.stride(1),
+        GROUPED=plan.grouped, R_PAD=r_pad, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+        BLOCK_K=blocks.block_k, DOT_PRECISION=current_dot_precision(x.dtype), num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages)
+
+
+def _finalize(plan, partial, offset_b, grad_a, grad_b, fisher_tiles, capacity, r_pad, scale, segments,
+              fisher_factor, measuring, stats):
+    """grad_a, grad_b (written in place) = s * the sums of their pieces, one launch. Per-tile Fisher sums go
+    to fisher_tiles (dA's tiles, then dB's) while measuring; otherwise the launch zeroes `stats`."""
+    depth_a, depth_b = grad_a.shape[1], grad_b.shape[0]
     slots = min(capacity + int(measuring), r_pad)  # the trial slot's Fisher while measuring
-    _finalize_grad_and_fisher_kernel[(plan.final_tiles[which], slots)](
-        partial, grad, fisher_tiles if measuring else (zero_stats if zero_stats is not None else partial),
-        segments, plan.chunks, plan.segment_rows, plan.row_tile_b, depth, capacity, float(scale),
-        float(fisher_factor), 0 if measuring or zero_stats is None else zero_stats.numel(),
-        grad_strides[0], grad_strides[1],
-        FISHER=measuring, ROW_TILES=which == 1, R_PAD=r_pad, BLOCK_P=plan.final.block_m,
-        BLOCK_N=plan.final.block_n, num_warps=plan.final.num_warps, num_stages=plan.final.num_stages)
+    _finalize_grad_and_fisher_kernel[(sum(plan.final_tiles), slots)](
+        partial, grad_a, grad_b, fisher_tiles if measuring else stats,
+        segments, plan.final_tiles[0], depth_a, depth_b, offset_b, plan.chunks, plan.piece_rows_a,
+        plan.piece_rows_b, plan.segment_rows, capacity, float(scale), float(fisher_factor),
+        0 if measuring else stats.numel(), grad_a.stride(0), grad_a.stride(1), grad_b.stride(1), grad_b.stride(0),
+        FISHER=measuring, R_PAD=r_pad, BLOCK_P=plan.final.block_m, BLOCK_N=plan.final.block_n,
+        num_warps=plan.final.num_warps, num_stages=plan.final.num_stages)
 
 
 def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale: float,
@@ -312,7 +464,7 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
     device = x.device
     if measuring and rows % num_samples:
         raise ValueError(f"{rows} input rows cannot be split into {num_samples} samples")
-    # No fill launch: measuring, _fisher_collect_kernel writes every entry; not measuring, dA's finalize
+    # No fill launch: measuring, _fisher_collect_kernel writes every entry; not measuring, the finalize
     # launch zeroes it. Empty inputs launch nothing and take torch.zeros.
     allocate = torch.empty if rows and in_features and out_features else torch.zeros
     fisher = allocate(statistics_shape(capacity), dtype=torch.float32, device=device)
@@ -332,52 +484,50 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
 
     segments = num_samples if measuring else 1
     plan = _ReducePlan(rows, in_features, out_features, dtype_name(x.dtype), segments, r_pad,
-                       _target_programs(device), compute_grad_x)
+                       target_programs(device), compute_grad_x)
     if kept is not None and (measuring or kept[0].shape != (rows, r_pad)):
         raise ValueError(f"the kept forward tensors do not match this backward (U {tuple(kept[0].shape)}, "
                          f"expected {(rows, r_pad)}, and none while measuring; measuring={measuring})")
-    final_a, final_b = plan.final_tiles
     shrink_programs = _shrink_programs(x)
+    # dA's pieces, then dB's, in one buffer: the finalize launch reads both
+    partial_a, partial_b = plan.partial_shapes
+    size_a = -(-math.prod(partial_a) // 4) * 4
     work = _Workspace(device, {
-        "proj_grad": (rows, r_pad),  # P = (dy B) . mask
+        **({"proj_grad": (rows, r_pad)} if not compute_grad_x else {}),  # P = (dy B) . mask
         **({"low_rank": (rows, r_pad)} if kept is None else {}),  # U = (x A_ext^T) . mask
-        "partial_a": plan.partial_shapes[0], "partial_b": plan.partial_shapes[1],
+        "partial": (size_a + math.prod(partial_b),),
         **({"nonfinite": (shrink_programs,)} if measuring and kept is None else {}),
-        **({"fisher_a": (final_a, r_pad), "fisher_b": (final_b, r_pad)} if measuring else {}),
+        **({"fisher_tiles": (sum(plan.final_tiles), r_pad)} if measuring else {}),
     })
-    proj_grad = work["proj_grad"]
+    partial = work["partial"]
     nonfinite = None
     if kept is not None:
         low_rank, = kept
     else:
-        # x pass: U first, so the dy pass can emit dB's partials from the dy tiles it loads anyway
+        # x pass: U first, so the dy pass can emit dB's pieces from the dy tiles it loads anyway
         low_rank, nonfinite = work["low_rank"], work["nonfinite"] if measuring else None
         trial = trial_row.contiguous() if measuring else None  # read as a unit-stride vector
         _shrink(x, lora_a, (lora_a.stride(0), lora_a.stride(1)), trial, live_rank, low_rank, nonfinite, capacity,
                 r_pad)
-    rank_partials = (low_rank, work["partial_b"], plan.segment_rows)
     if compute_grad_x:
-        launch_fused_lowrank_matmul(
-            "grad_x", grad_y, (weight.stride(0), weight.stride(1)), weight, None,
-            lora_b, (lora_b.stride(0), lora_b.stride(1)), lora_a, (lora_a.stride(0), lora_a.stride(1)),
-            live_rank, proj_grad, grad_x, out_features, in_features, capacity, scale, r_pad, rank_partials)
+        _grad_x(plan, grad_y, weight, lora_a, lora_b, live_rank, low_rank, x, grad_x, partial, size_a, capacity,
+                scale, r_pad)
     else:
+        proj_grad = work["proj_grad"]
         _shrink(grad_y, lora_b, (lora_b.stride(1), lora_b.stride(0)), None, live_rank, proj_grad, None, capacity,
-                r_pad, rank_partials)
-    blocks = plan.blocks
-    _segment_reduce_kernel[(segments * plan.chunks, plan.tiles_a)](
-        proj_grad, x, work["partial_a"], plan.segment_rows, plan.chunk_rows, plan.chunks, in_features,
-        x.stride(0), x.stride(1), R_PAD=r_pad, BLOCK_N=blocks.block_n, BLOCK_T=blocks.block_k,
-        DOT_PRECISION=current_dot_precision(x.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-    fisher_factor = scale * per_sample_multiplier
-    fisher_a, fisher_b = (work["fisher_a"], work["fisher_b"]) if measuring else (None, None)
-    _finalize(plan, 0, work["partial_a"], grad_a, (grad_a.stride(0), grad_a.stride(1)), fisher_a, capacity, r_pad,
-              scale, segments, fisher_factor, measuring, zero_stats=fisher)
-    _finalize(plan, 1, work["partial_b"], grad_b, (grad_b.stride(1), grad_b.stride(0)), fisher_b, capacity, r_pad,
-              scale, segments, fisher_factor, measuring)
+                r_pad, (low_rank, partial[size_a:], plan.segment_rows))
+        blocks = plan.blocks
+        _segment_reduce_kernel[(segments * plan.chunks, plan.tiles_a)](
+            proj_grad, x, partial, plan.segment_rows, plan.chunk_rows, plan.chunks, in_features,
+            x.stride(0), x.stride(1), R_PAD=r_pad, BLOCK_N=blocks.block_n, BLOCK_T=blocks.block_k,
+            DOT_PRECISION=current_dot_precision(x.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    fisher_tiles = work["fisher_tiles"] if measuring else None
+    _finalize(plan, partial, size_a, grad_a, grad_b, fisher_tiles, capacity, r_pad, scale, segments,
+              scale * per_sample_multiplier, measuring, fisher)
     if measuring:
+        final_a, final_b = plan.final_tiles
         collect = launch_table.blocks_for("fisher_collect", "fp32")
-        _fisher_collect_kernel[(1,)](fisher_a, fisher_b, nonfinite, fisher, final_a, final_b,
+        _fisher_collect_kernel[(1,)](fisher_tiles, fisher_tiles[final_a:], nonfinite, fisher, final_a, final_b,
                                      shrink_programs, fisher.shape[1], float(num_samples), R_PAD=r_pad,
                                      BLOCK=collect.block_n, num_warps=collect.num_warps,
                                      num_stages=collect.num_stages)

@@ -8,13 +8,11 @@ One kernel, `_fused_lowrank_matmul_kernel`, computes the general form
 
     out = X Wt (+ bias) + s * (mask . (X R)) E        X: M x K, Wt: K x N, R: K x R_PAD, E: R_PAD x N
 
-- forward:  X = x, Wt = W0^T, R = A^T, E = B^T, no mask (dead slots of A and B are exact zeros, so the
-            live rank is not a kernel argument and a growth within capacity never recompiles).
-- grad_x:   X = dy, Wt = W0, R = B, E = A, mask = slots < live_rank (read from a device tensor), and the
-            masked P = dy B (M x R_PAD, fp32) is emitted for the dA reduction (selora_linear_backward.py);
-            the first column tile of each row tile then emits dB's partials U^T dy per sample piece
-            (`_store_rank_partials`) from its row tile of dy, which it has just streamed (L2), so the
-            backward has no separate dB reduction over dy.
+with X = x, Wt = W0^T, R = A^T, E = B^T. Inference needs no mask (dead slots of A and B are exact zeros, so
+the live rank is not a kernel argument and a growth within capacity never recompiles); a training forward
+that keeps U = x A^T for the backward masks it to the live slots (read from a device tensor). The backward's
+input gradient is the same form mirrored (X = dy, Wt = W0, R = B, E = A) in selora_linear_backward.py,
+which also folds the dA and dB reductions into it.
 
 x is read once: each K step loads one X tile and feeds both the W0 dot and the R_PAD-wide rank dot into an
 fp32 rank accumulator; the epilogue expands the rank accumulator with E at fp32 precision (hi/lo split for
@@ -23,6 +21,7 @@ accumulator to 8 or 11 mantissa bits before the expand), scales, adds the bias a
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -56,103 +55,86 @@ def _fp32_rank_dot(low_rank, operand, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _store_rank_partials(u_ptr, x_tile, partial_ptr, tile_m, offs_m, row_ok, cols, col_ok, rows, segment_rows,
-                         depth, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """partial[tile_m + i, k, cols] = sum over the rows t of this row tile in sample i of U[t, k] X[t, cols].
-
-    U: M x R_PAD fp32 row-major; x_tile: the BLOCK_M x len(cols) tile of X already loaded by the caller
-    (rows outside the matrix are zeros). Index tile + sample is unique (tiles and samples are both
-    increasing in the row) and contiguous per sample, the layout the finalize kernel sums per sample."""
-    slots = tl.arange(0, R_PAD)
-    u_t = tl.load(u_ptr + offs_m[None, :] * R_PAD + slots[:, None], mask=row_ok[None, :], other=0.0)
-    first = (tile_m * BLOCK_M) // segment_rows
-    last = (tl.minimum(tile_m * BLOCK_M + BLOCK_M, rows) - 1) // segment_rows
-    for segment in range(first, last + 1):
-        start = segment * segment_rows
-        in_segment = (offs_m >= start) & (offs_m < start + segment_rows)
-        part = _fp32_rank_dot(tl.where(in_segment[None, :], u_t, 0.0), x_tile,
-                              tl.zeros((R_PAD, x_tile.shape[1]), dtype=tl.float32), DOT_PRECISION)
-        tl.store(partial_ptr + ((tile_m + segment) * R_PAD + slots[:, None]) * depth + cols[None, :], part,
-                 mask=col_ok[None, :])
-
-
-@triton.jit
 def _fused_lowrank_matmul_kernel(
         x_ptr, wt_ptr, bias_ptr, rank_in_ptr, rank_out_ptr, live_rank_ptr, low_rank_ptr, out_ptr,
-        u_ptr, partial_ptr,
-        rows, inner, cols, capacity, scale, segment_rows,
+        rows, inner, cols, capacity, scale, col_group,
         stride_xm, stride_xk, stride_wk, stride_wn, stride_rk, stride_rr, stride_er, stride_en,
         stride_om, stride_on,
         HAS_BIAS: tl.constexpr, MASK_LIVE: tl.constexpr, EMIT_LOW_RANK: tl.constexpr,
-        EMIT_RANK_PARTIAL: tl.constexpr,
         R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # out = X Wt (+ bias) + s (mask . (X R)) E ; see the module docstring for the two uses. grad_x also
-    # emits dB's per-row-tile partials U^T X (EMIT_RANK_PARTIAL), so dY is read once by the backward.
+    # out = X Wt (+ bias) + s (mask . (X R)) E ; see the module docstring. One program per (row tile, group
+    # of `col_group` column tiles): the rank product X R is computed once per program, not per column tile.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(rows, BLOCK_M)
     tiles_n = tl.cdiv(cols, BLOCK_N)
-    # Grouped order: GROUP_M row tiles sweep the column tiles together, so W0 tiles are reused from L2.
-    tiles_per_group = GROUP_M * tiles_n
-    group = pid // tiles_per_group
-    first_m = group * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
+    groups_n = tl.cdiv(tiles_n, col_group)
+    # Grouped order: GROUP_M row tiles sweep the column groups together, so W0 tiles are reused from L2.
+    programs_per_band = GROUP_M * groups_n
+    band = pid // programs_per_band
+    first_m = band * GROUP_M
+    band_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % programs_per_band) % band_rows
+    pid_g = (pid % programs_per_band) // band_rows
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     slots = tl.arange(0, R_PAD)
     row_ok = offs_m < rows
-    col_ok = offs_n < cols
     slot_ok = slots < capacity
 
+    # the rank product, one pass over the row tile of x (the column loop below re-reads it from L2)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    wt_ptrs = wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     rank_in_ptrs = rank_in_ptr + offs_k[:, None] * stride_rk + slots[None, :] * stride_rr
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     low_rank = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k in range(0, tl.cdiv(inner, BLOCK_K)):
         k_ok = offs_k < inner - k * BLOCK_K
         x_tile = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wt_tile = tl.load(wt_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         rank_tile = tl.load(rank_in_ptrs, mask=k_ok[:, None] & slot_ok[None, :], other=0.0)
-        # The same x tile feeds the frozen product and the rank product: x is read once.
-        acc = tl.dot(x_tile, wt_tile, acc, input_precision=DOT_PRECISION)
         low_rank = tl.dot(x_tile, rank_tile, low_rank, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
-        wt_ptrs += BLOCK_K * stride_wk
         rank_in_ptrs += BLOCK_K * stride_rk
-
     if MASK_LIVE:
         # Dead slots get exactly zero whatever their contents; the rank stays on the device (no sync).
         low_rank = tl.where((slots < tl.load(live_rank_ptr))[None, :], low_rank, 0.0)
     if EMIT_LOW_RANK:
-        if pid_n == 0:
-            low_rank_ptrs = low_rank_ptr + offs_m[:, None] * R_PAD + slots[None, :]
-            tl.store(low_rank_ptrs, low_rank, mask=row_ok[:, None])
+        if pid_g == 0:
+            tl.store(low_rank_ptr + offs_m[:, None] * R_PAD + slots[None, :], low_rank, mask=row_ok[:, None])
+    low_rank = low_rank * scale
 
-    rank_out_ptrs = rank_out_ptr + slots[:, None] * stride_er + offs_n[None, :] * stride_en
-    rank_out_tile = tl.load(rank_out_ptrs, mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
-    acc = _fp32_rank_dot(low_rank * scale, rank_out_tile, acc, DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-    if EMIT_RANK_PARTIAL:
-        # One column tile per row tile does dB's partials, after its output is stored: inside the main loop
-        # the extra fp32 operands spilled (up to 872 B at R_PAD 32). The row tile of dy it re-reads was
-        # just streamed by this program and its group, so it comes from L2.
-        if pid_n == 0:
-            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-            for k in range(0, tl.cdiv(inner, BLOCK_K)):
-                k_ok = offs_k < inner - k * BLOCK_K
-                x_tile = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                _store_rank_partials(u_ptr, x_tile, partial_ptr, pid_m, offs_m, row_ok, k * BLOCK_K + offs_k,
-                                     k_ok, rows, segment_rows, inner, R_PAD, BLOCK_M, DOT_PRECISION)
-                x_ptrs += BLOCK_K * stride_xk
+    for pid_n in range(pid_g * col_group, tl.minimum(pid_g * col_group + col_group, tiles_n)):
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < cols
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        wt_ptrs = wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(inner, BLOCK_K)):
+            k_ok = offs_k < inner - k * BLOCK_K
+            x_tile = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wt_tile = tl.load(wt_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(x_tile, wt_tile, acc, input_precision=DOT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            wt_ptrs += BLOCK_K * stride_wk
+        rank_out_ptrs = rank_out_ptr + slots[:, None] * stride_er + offs_n[None, :] * stride_en
+        rank_out_tile = tl.load(rank_out_ptrs, mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _fp32_rank_dot(low_rank, rank_out_tile, acc, DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """About two waves of programs: enough to fill the GPU, few enough to share work (rank products,
+    reduction pieces) inside a program."""
+    if device.type == "cuda":
+        return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # interpreter: a few programs, so the grouped paths are exercised
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -166,24 +148,22 @@ def current_dot_precision(dtype: torch.dtype) -> str:
     return launch_table.dot_precision(dtype_name(dtype), torch.get_float32_matmul_precision())
 
 
-def launch_fused_lowrank_matmul(kernel_name: str, x, wt_strides, wt, bias, rank_in, rank_in_strides,
-                                rank_out, rank_out_strides, live_rank, low_rank_out, out, inner, cols,
-                                capacity, scale, r_pad, rank_partials=None):
-    """Shared launcher of the forward and grad_x uses (all strides in elements, views described by hand).
-    rank_partials: None, or (U, partial buffer, rows per sample) for grad_x's dB partials."""
+def launch_fused_lowrank_matmul(x, wt_strides, wt, bias, rank_in, rank_in_strides, rank_out, rank_out_strides,
+                                live_rank, low_rank_out, out, inner, cols, capacity, scale, r_pad):
+    """The forward's launcher (all strides in elements, views described by hand)."""
     rows = x.shape[0]
     name = dtype_name(x.dtype)
-    blocks = launch_table.blocks_for(kernel_name, name, rows)
-    grid = (triton.cdiv(rows, blocks.block_m) * triton.cdiv(cols, blocks.block_n),)
-    u, partial, segment_rows = rank_partials if rank_partials is not None else (out, out, 1)
+    blocks = launch_table.blocks_for("forward", name, rows)
+    tiles_m, tiles_n = triton.cdiv(rows, blocks.block_m), triton.cdiv(cols, blocks.block_n)
+    col_group = launch_table.column_group(tiles_m, tiles_n, target_programs(x.device) // 2)  # one wave
+    grid = (tiles_m * triton.cdiv(tiles_n, col_group),)
     _fused_lowrank_matmul_kernel[grid](
         x, wt, bias if bias is not None else out, rank_in, rank_out,
         live_rank if live_rank is not None else out, low_rank_out if low_rank_out is not None else out, out,
-        u, partial, rows, inner, cols, capacity, float(scale), segment_rows,
+        rows, inner, cols, capacity, float(scale), col_group,
         x.stride(0), x.stride(1), wt_strides[0], wt_strides[1], rank_in_strides[0], rank_in_strides[1],
         rank_out_strides[0], rank_out_strides[1], out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, MASK_LIVE=live_rank is not None, EMIT_LOW_RANK=low_rank_out is not None,
-        EMIT_RANK_PARTIAL=rank_partials is not None,
         R_PAD=r_pad, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
         GROUP_M=launch_table.GROUP_M, DOT_PRECISION=current_dot_precision(x.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages)
@@ -217,7 +197,7 @@ def selora_linear_forward_triton(x2d: torch.Tensor, weight: torch.Tensor, bias: 
         live_rank = keep[0].reshape(1)
         low_rank = torch.empty(rows, r_pad, dtype=torch.float32, device=x2d.device)
     launch_fused_lowrank_matmul(
-        "forward", x2d, (weight.stride(1), weight.stride(0)), weight, bias,
+        x2d, (weight.stride(1), weight.stride(0)), weight, bias,
         lora_a, (lora_a.stride(1), lora_a.stride(0)), lora_b, (lora_b.stride(1), lora_b.stride(0)),
         live_rank, low_rank, y, in_features, out_features, capacity, scale, r_pad)
     return y if keep is None else (y, (low_rank,))

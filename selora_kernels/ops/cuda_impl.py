@@ -10,14 +10,18 @@ docs/kernel_design.md, not yet measured on a GPU - revisit with bench/):
 | rule (first match)                                                    | path      |
 |-----------------------------------------------------------------------|-----------|
 | dtype not fp32/fp16/bf16, or capacity > 32 (largest Triton class)     | reference |
+| a training forward that is not measuring (it keeps U for the backward)| fused     |
 | M >= 4096 tokens and in x out >= 640 x 640                            | merged    |
 | otherwise                                                             | fused     |
 
-- fused: one Triton kernel (kernels/selora_linear_forward.py), x read once, y written once.
-- merged: `F.linear(x, W0 + s B A, b0)`: one rank-r update of the weight plus one cuBLAS GEMM. It wins
-  where the layer is compute-bound (large M and width): cuBLAS's main loop beats Triton's and the fused
-  kernel recomputes the R_PAD-wide rank dot per column tile (R_PAD / BN = 25-50% extra FLOPs), while the
-  weight update costs only 3 x in x out elements. It loses where weights rival activations (small M).
+- fused: one Triton kernel (kernels/selora_linear_forward.py), x read once, y written once, the rank
+  product once per program. In a training step it also keeps U = x A^T, so the fused backward skips its
+  own pass over x and a launch: the roofline puts the fused training step below the merged one at every
+  SD shape (docs/kernel_design.md).
+- merged: `F.linear(x, W0 + s B A, b0)`: one rank-r update of the weight plus one cuBLAS GEMM. For a
+  forward alone it wins where the layer is compute-bound (large M and width): cuBLAS's main loop beats
+  Triton's, while the weight update costs only 3 x in x out elements. It loses where weights rival
+  activations (small M).
 - reference: ops/reference.py (any dtype, any capacity).
 
 Backward: the fused Triton backward (kernels/selora_linear_backward.py) whenever the dtype is supported
@@ -43,7 +47,8 @@ TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 FORWARD_PATHS = ("fused", "merged", "reference")
 BACKWARD_PATHS = ("fused", "reference")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Merged forward threshold: the layer is compute-bound (roofline of docs/kernel_design.md: d >= 640 at M = 32768).
+# Merged forward threshold, outside training steps: the layer is compute-bound (roofline of
+# docs/kernel_design.md: d >= 640 at M = 32768).
 MERGED_MIN_ROWS = 4096
 MERGED_MIN_WEIGHT = 640 * 640
 
@@ -71,11 +76,12 @@ def _fits_triton(dtype: torch.dtype, slots: int) -> bool:
 
 
 def choose_forward_path(rows: int, in_features: int, out_features: int, capacity: int, dtype: torch.dtype,
-                        same_dtype: bool = True) -> str:
+                        same_dtype: bool = True, training: bool = False) -> str:
     """"fused", "merged" or "reference" for one forward call (table in the module docstring).
 
-    same_dtype: x, W0, b0, A and B share `dtype` (else only the reference casts them). A path forced with
-    `force_path` replaces the table, but a fused launch the kernels cannot take still falls back."""
+    same_dtype: x, W0, b0, A and B share `dtype` (else only the reference casts them). training: a training
+    forward that is not measuring (it keeps U for a fused backward). A path forced with `force_path`
+    replaces the table, but a fused launch the kernels cannot take still falls back."""
     if not same_dtype:
         return "reference"
     forced = _forced_paths["forward"]
@@ -83,6 +89,8 @@ def choose_forward_path(rows: int, in_features: int, out_features: int, capacity
         return "reference" if forced == "fused" and not _fits_triton(dtype, capacity) else forced
     if not _fits_triton(dtype, capacity):
         return "reference"
+    if training and choose_backward_path(capacity, dtype, False) == "fused":
+        return "fused"
     if rows >= MERGED_MIN_ROWS and in_features * out_features >= MERGED_MIN_WEIGHT:
         return "merged"
     return "fused"
@@ -121,7 +129,7 @@ def forward_cuda(x, weight, bias, lora_a, lora_b, scale, live_rank, keep=False):
     fused forward kept for the backward ((U,); kernels/selora_linear_forward.py), or None on the other
     paths."""
     path = choose_forward_path(x.shape[0], x.shape[1], weight.shape[0], lora_a.shape[0], x.dtype,
-                               _same_dtype(x, weight, bias, lora_a, lora_b))
+                               _same_dtype(x, weight, bias, lora_a, lora_b), training=keep)
     _last_paths["forward"] = path
     training = keep
     if path == "reference":

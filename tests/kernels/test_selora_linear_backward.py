@@ -108,6 +108,36 @@ def test_kept_u_must_match_the_backward():
 
 
 @needs_kernels
+@pytest.mark.parametrize("measuring", [False, True], ids=["plain", "measuring"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_sums_groups_of_row_tiles_into_one_piece(monkeypatch, dtype, measuring):
+    """grad_x sums a group of row tiles into one piece per gradient: while measuring, groups stay inside a
+    sample (4 samples of 2 row tiles); otherwise the last group may be short (7 tiles and 5 rows)."""
+    from selora_kernels.kernels import launch_table
+    from selora_kernels.kernels import selora_linear_backward as bwd
+    from selora_kernels.kernels.selora_linear_forward import dtype_name
+
+    monkeypatch.setattr(bwd, "target_programs", lambda device: 4)  # 8 row tiles, 1 column tile: groups of 2
+    block_m = launch_table.blocks_for("grad_x", dtype_name(dtype), 1000).block_m
+    samples, tokens = (4, 2 * block_m) if measuring else (1, 7 * block_m + 5)
+    assert bwd.grad_x_groups(samples * tokens, 20, dtype_name(dtype), tokens, 4) == (2, True)
+    _check_backward(make_case(samples, tokens, 20, 24, 15, 5, dtype, seed=11), dtype, samples, 0.5, 2.0,
+                    measuring, True)
+
+
+def test_grad_x_groups_never_cross_a_sample():
+    from selora_kernels.kernels.selora_linear_backward import grad_x_groups
+
+    # SD level 1, batch 8, bf16 (128-row tiles, 5 column tiles), two waves of an H100: 4 tiles per group
+    assert grad_x_groups(32768, 320, "bf16", 32768, 264) == (4, True)
+    assert grad_x_groups(32768, 320, "bf16", 4096, 264) == (4, True)
+    assert grad_x_groups(3 * 384, 320, "bf16", 384, 8) == (3, True)  # 3 tiles per sample
+    assert grad_x_groups(4 * 384, 320, "bf16", 384, 30) == (1, True)  # 3 per sample: 2 would cross
+    assert grad_x_groups(616, 768, "bf16", 77, 4) == (1, False)  # text tokens: tiles cross samples
+    assert grad_x_groups(100, 64, "bf16", 100, 1) == (1, True)  # one tile
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_without_grad_x(dtype):
     case = make_case(3, 13, 40, 30, 15, 4, dtype, seed=2, garbage_dead_slots=True)
@@ -245,8 +275,8 @@ def test_rank_change_reuses_the_compiled_kernels():
     from selora_kernels.kernels import selora_linear_backward as bwd
     from selora_kernels.kernels import selora_linear_forward as fwd
 
-    kernels = [fwd._fused_lowrank_matmul_kernel, bwd._shrink_kernel, bwd._segment_reduce_kernel,
-               bwd._finalize_grad_and_fisher_kernel]
+    kernels = [fwd._fused_lowrank_matmul_kernel, bwd._shrink_kernel, bwd._grad_x_reduce_kernel,
+               bwd._segment_reduce_kernel, bwd._finalize_grad_and_fisher_kernel]
     recorders = [_LaunchRecorder(k) for k in kernels]
     try:
         keys_per_rank = []
@@ -256,6 +286,8 @@ def test_rank_change_reuses_the_compiled_kernels():
             fwd.selora_linear_forward_triton(case["x"], case["weight"], case["bias"], case["lora_a"],
                                              case["lora_b"], 0.5)
             _check_backward(case, torch.float32, 2, 0.5, 2.0, True, True, f" rank {rank}")
+            # x without a gradient: P's shrink and the segment reduction take grad_x's place
+            _check_backward(case, torch.float32, 2, 0.5, 2.0, False, False, f" rank {rank} without grad_x")
             keys_per_rank.append([frozenset(r.keys) for r in recorders])
             cache_sizes.append([_jit_cache_size(k) for k in kernels])
         assert all(r.launches > 0 for r in recorders)

@@ -50,3 +50,32 @@ def test_forward_without_bias_and_strided_inputs(dtype):
     y = selora_linear_forward_triton(x, weight, None, lora_a, lora_b, 2.0)
     expected = forward_reference(x.double(), weight.double(), None, lora_a.double(), lora_b.double(), 2.0)
     assert_rel_close(y, expected, REL_TOL[dtype], "y (strided, no bias)")
+
+
+@needs_kernels
+@pytest.mark.parametrize("min_programs", [1, 2, 3, 8], ids=lambda n: f"{n}_programs")
+def test_forward_column_groups_match_float64(monkeypatch, min_programs):
+    """A program computes the rank product once and covers a group of column tiles: every grouping, the
+    last group short or not, gives the same output and the same kept U."""
+    from selora_kernels.kernels import selora_linear_forward as fwd
+    from selora_kernels.ops.reference import forward_reference
+
+    monkeypatch.setattr(fwd, "target_programs", lambda device: 2 * min_programs)
+    case = make_case(1, 20, 24, 5 * 64 - 3, 15, 4, torch.float32, seed=5)  # 1 row tile, 5 column tiles
+    y, (u,) = fwd.selora_linear_forward_triton(case["x"], case["weight"], case["bias"], case["lora_a"],
+                                               case["lora_b"], 0.5, keep=(case["live_rank"],))
+    ref = f64(case)
+    expected = forward_reference(ref["x"], ref["weight"], ref["bias"], ref["lora_a"], ref["lora_b"], 0.5)
+    assert_rel_close(y, expected, REL_TOL[torch.float32], f"y, {min_programs} programs")
+    live = int(case["live_rank"])
+    assert_rel_close(u[:, :live], ref["x"] @ ref["lora_a"][:live].T, REL_TOL[torch.float32], "kept U")
+    assert not u[:, live:].any()
+
+
+def test_column_groups_cover_every_tile_once():
+    from selora_kernels.kernels.launch_table import column_group
+
+    assert column_group(256, 5, 132) == 5  # SD level 1, bf16: the rank product once per row tile
+    assert column_group(64, 10, 132) == 4  # 640 level: 3 groups (4, 4, 2) instead of 10 rank products
+    assert column_group(1, 5, 2) == 3 and column_group(1, 5, 3) == 2 and column_group(1, 5, 8) == 1
+    assert column_group(1000, 1, 132) == 1

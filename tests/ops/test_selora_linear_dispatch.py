@@ -63,6 +63,9 @@ def test_choose_forward_path_table():
     assert cuda_impl.choose_forward_path(8, 1280, 320, 15, torch.bfloat16) == "fused"  # time_emb
     assert cuda_impl.choose_forward_path(32768, 320, 320, 15, torch.bfloat16) == "fused"
     assert cuda_impl.choose_forward_path(32768, 1280, 1280, 15, torch.bfloat16) == "merged"
+    # a training forward keeps U for the fused backward (which then skips its pass over x): fused
+    assert cuda_impl.choose_forward_path(32768, 1280, 1280, 15, torch.bfloat16, training=True) == "fused"
+    assert cuda_impl.choose_forward_path(64, 64, 64, 63, torch.float16, training=True) == "reference"
     assert cuda_impl.choose_forward_path(64, 64, 64, 63, torch.float16) == "reference"  # capacity
     assert cuda_impl.choose_forward_path(64, 64, 64, 15, torch.float64) == "reference"
     with pytest.raises(ValueError):

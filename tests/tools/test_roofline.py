@@ -140,12 +140,32 @@ def test_backward_model_counts_the_launches_the_launcher_makes(monkeypatch, meas
     modelled = roofline.ours_fused_backward(layer, measuring, kept=kept)
     assert len(kernels) + len(ops) == len(modelled), (kernels, ops, [k.name for k in modelled])
     assert allocations == 5  # the four outputs and one workspace for every fp32 scratch buffer
-    # no fill launch for the statistics: the collect kernel writes them measuring, dA's finalize zeroes them
-    # otherwise; measuring adds one launch (the collect). dB has no reduction launch: grad_x emits its partials
-    assert ops == [] and len(kernels) == (6 if measuring else 5) - kept
-    assert kernels.count("_segment_reduce_kernel") == 1
+    # no fill launch for the statistics: the collect kernel writes them measuring, the finalize zeroes them
+    # otherwise. grad_x emits dA's and dB's pieces (no reduction launch of their own) and one finalize sums
+    # both: 2 launches after a forward that kept U, 3 otherwise, 4 measuring (shrink and collect added)
+    assert ops == [] and len(kernels) == (4 if measuring else 3) - kept
+    assert kernels.count("_grad_x_reduce_kernel") == kernels.count("_finalize_grad_and_fisher_kernel") == 1
+    assert "_segment_reduce_kernel" not in kernels
     assert ("_fisher_collect_kernel" in kernels) == measuring
     assert ("_shrink_kernel" in kernels) != kept  # a kept U spares the second pass over x
+
+
+def test_backward_plan_bytes_near_the_physical_floor():
+    """Forward + backward of a training step that is not measuring (fused forward keeping U): the bytes the
+    launch plan moves within 1.25x of the physical floor (read x, write y; read dy, read x again for dA,
+    write dx; W0 once per pass) at every SD 1.5 shape in the benchmarks' dtypes, and x and dy each read once
+    by the backward. (fp16 takes 64-row grad_x tiles: twice the pieces, 1.31x on the 616-row text encoder,
+    where launches, not bytes, set the time.)"""
+    for shape in GPU_SHAPES:
+        for dtype in ("bf16", "fp32"):
+            layer = roofline.Layer(rows=shape.batch * shape.tokens, d_in=shape.d_in, d_out=shape.d_out, rank=4,
+                                   capacity=15, dtype=dtype, samples=shape.batch)
+            m, i, o, e = layer.rows, layer.d_in, layer.d_out, layer.e
+            floor = e * (3 * m * i + 2 * m * o + 2 * i * o)
+            moved = sum(k.bytes for k in roofline.ours(layer, "fwd_bwd", "fused").kernels)
+            assert floor <= moved <= 1.25 * floor, (shape.name, dtype, moved / floor)
+            backward = roofline.ours_fused_backward(layer, measuring=False, kept=True)
+            assert [k.name for k in backward] == ["grad_x (dx, dA and dB pieces)", "finalize dA, dB"]
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="the launchers import triton")
@@ -212,9 +232,13 @@ def test_wave_quantisation_hi_lo_dot_and_finalize_bytes():
     fp32 = roofline.ours_fused_forward(roofline.Layer(32768, 320, 320, 4, 15, "fp32", 8))[0]
     r_pad = 16
     assert bf16.flops - fp32.flops == pytest.approx(2.0 * 32768 * r_pad * 320)
-    # finalize reads each fp32 partial once: 4 bytes per partial, plus the gradient written (and, for dA
-    # when not measuring, the zeroed statistics)
-    kernels = {k.name: k for k in roofline.ours_fused_backward(L1, measuring=False)}
-    segment, finalize = kernels["segment reduce dA"], kernels["finalize dA"]
-    partial_bytes = segment.bytes - 4 * L1.rows * r_pad - L1.e * L1.rows * L1.d_in
-    assert finalize.bytes == pytest.approx(partial_bytes + L1.e * (r_pad * L1.d_in + 3 * (L1.capacity + 1)))
+    # the finalize reads each fp32 piece once: 4 bytes per piece, plus both gradients written (and, when not
+    # measuring, the zeroed statistics); grad_x writes the same pieces
+    kernels = {k.name: k for k in roofline.ours_fused_backward(L1, measuring=False, kept=True)}
+    grad_x, finalize = kernels["grad_x (dx, dA and dB pieces)"], kernels["finalize dA, dB"]
+    piece_bytes = grad_x.bytes - L1.e * (L1.rows * (L1.d_out + 2 * L1.d_in) + L1.d_in * L1.d_out
+                                         + r_pad * (L1.d_in + L1.d_out)) - 4 * L1.rows * r_pad
+    # 256 row tiles of 128 rows, 5 column tiles, two waves of 132 SMs: groups of 4 tiles, 64 pieces
+    assert piece_bytes == 4 * 64 * r_pad * (L1.d_in + L1.d_out)
+    assert finalize.bytes == pytest.approx(piece_bytes + L1.e * (r_pad * (L1.d_in + L1.d_out)
+                                                                 + 3 * (L1.capacity + 1)))
