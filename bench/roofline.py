@@ -212,12 +212,14 @@ def merged_baseline(layer: Layer, mode: str) -> Estimate:
 
 # --- ours -----------------------------------------------------------------------------------------------
 
-def ours_fused_forward(layer: Layer, keep: bool = False, multiprocessors: int = 132) -> List[Kernel]:
+def ours_fused_forward(layer: Layer, keep: bool = False, multiprocessors: int = 132,
+                       measuring: bool = False) -> List[Kernel]:
     """One kernel: x read once, the R_PAD-wide rank dot computed once per program, a program covering a
     group of output-column tiles (launch_table.column_group: at least a wave of programs).
-    keep (a training forward that is not measuring): also writes U = x A^T (fp32) for the backward."""
+    keep (a training forward): also writes U = x A^T (fp32) for the backward, with the trial column (and
+    R_PAD holding it) while measuring."""
     m, i, o, e, d = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype
-    r_pad = launch_table.r_pad_for(max(layer.capacity, 1))
+    r_pad = launch_table.r_pad_for(max(layer.capacity + (keep and measuring), 1))
     blocks = launch_table.blocks_for("forward", d, m)
     tiles_m, tiles_n = math.ceil(m / blocks.block_m), math.ceil(o / blocks.block_n)
     groups = math.ceil(tiles_n / launch_table.column_group(tiles_m, tiles_n, multiprocessors))
@@ -240,9 +242,9 @@ def ours_merged_forward(layer: Layer) -> List[Kernel]:
 
 def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 132,
                         kept: bool = False) -> List[Kernel]:
-    """kernels/selora_linear_backward.py: shrink (U; skipped when a fused training forward that was not
-    measuring `kept` it), grad_x (dx, plus dA's and dB's pieces per group of row tiles), one finalize for both
-    gradients, and the Fisher collect while measuring."""
+    """kernels/selora_linear_backward.py: shrink (U, with the trial column and non-finite counts while
+    measuring; skipped when a fused training forward `kept` them), grad_x (dx, plus dA's and dB's pieces per
+    group of row tiles), one finalize for both gradients, and the Fisher collect while measuring."""
     from selora_kernels.kernels.selora_linear_backward import grad_x_groups
 
     m, i, o, e, d = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype
@@ -276,23 +278,26 @@ def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 13
 
 def ours(layer: Layer, mode: str, forward_path: str, measuring: bool = False,
          multiprocessors: int = 132) -> Estimate:
-    # a fused training forward that is not measuring keeps U for the backward (ops/selora_linear.py)
-    kept = mode != "fwd" and forward_path == "fused" and not measuring
-    est = Estimate(ours_fused_forward(layer, kept, multiprocessors) if forward_path == "fused"
+    # a fused training forward keeps U for the backward (ops/selora_linear.py); measuring, with the trial
+    # column where launch_table.keeps_trial_column (half precision, M > 64)
+    kept = mode != "fwd" and forward_path == "fused" and (
+        not measuring or launch_table.keeps_trial_column(layer.dtype, layer.rows))
+    est = Estimate(ours_fused_forward(layer, kept, multiprocessors, measuring) if forward_path == "fused"
                    else ours_merged_forward(layer))
     if mode != "fwd":
         est += ours_fused_backward(layer, measuring, multiprocessors, kept=kept)
     return est
 
 
-def dispatched_forward_path(layer: Layer, training: bool = False) -> str:
+def dispatched_forward_path(layer: Layer, training: bool = False, measuring: bool = False) -> str:
     """What ops/cuda_impl.choose_forward_path picks for this layer (the rules are pure: no GPU needed);
-    training: a training forward that is not measuring."""
+    training: a training forward; measuring: of a measuring step."""
     from selora_kernels.ops.cuda_impl import choose_forward_path
 
     import torch
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[layer.dtype]
-    path = choose_forward_path(layer.rows, layer.d_in, layer.d_out, layer.capacity, dtype, training=training)
+    path = choose_forward_path(layer.rows, layer.d_in, layer.d_out, layer.capacity, dtype, training=training,
+                               measuring=measuring)
     return "fused" if path == "reference" else path  # without triton the rules say reference: model fused
 
 
@@ -365,7 +370,7 @@ def fisher_case(params: dict, ceilings: Ceilings, fp32_precision: str = "highest
     """Floors of a bench_selora_linear_fisher case: ours with and without measuring, vmap and bmm Fisher."""
     layer = _layer(params)
     path = dispatched_forward_path(layer, training=True)
-    measuring_path = dispatched_forward_path(layer)  # a measuring forward keeps nothing: the inference rules
+    measuring_path = dispatched_forward_path(layer, training=True, measuring=True)
     sms = ceilings.multiprocessors
     providers = {"ours_fisher": ours(layer, "fwd_bwd", measuring_path, True, sms),
                  "ours_no_fisher": ours(layer, "fwd_bwd", path, False, sms),

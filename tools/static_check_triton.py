@@ -142,8 +142,8 @@ def _launch_config(launch) -> launch_table.LaunchConfig:
         blocks = launch_table.Blocks(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], warps, stages)
         size = launch_table.size_class(bound["rows"])
         flags = (("DOT_PRECISION", kw["DOT_PRECISION"]),)
-        flags += ((("HAS_BIAS", kw["HAS_BIAS"]), ("KEEP", kw["EMIT_LOW_RANK"])) if kernel == "forward"
-                  else (("GROUPED", kw["GROUPED"]),))
+        flags += ((("HAS_BIAS", kw["HAS_BIAS"]), ("KEEP", kw["EMIT_LOW_RANK"]), ("TRIAL", kw["HAS_TRIAL"]))
+                  if kernel == "forward" else (("GROUPED", kw["GROUPED"]),))
     elif kernel == "shrink":
         blocks = launch_table.Blocks(kw["BLOCK_M"], 0, kw["BLOCK_K"], warps, stages)
         size = "any"

@@ -146,6 +146,7 @@ def _sd_launches(origin: List[str]):
     """Forward and backward (measuring or not, with or without grad_x) of every SD layer, batch 8, at each
     capacity and dtype, on contiguous meta tensors as the module passes them."""
     import torch
+    from selora_kernels.kernels.launch_table import keeps_trial_column
     from selora_kernels.kernels.selora_linear_backward import selora_linear_backward_triton
     from selora_kernels.kernels.selora_linear_forward import selora_linear_forward_triton
     from selora_kernels.ops.cuda_impl import choose_forward_path
@@ -168,9 +169,6 @@ def _sd_launches(origin: List[str]):
                         if _fused_forward(capacity, dtype):
                             origin[0] = tag + ":forward"
                             selora_linear_forward_triton(x, weight, bias, lora_a, lora_b, 0.5)
-                        # a training forward on the fused path keeps U; its backward then skips the shrink
-                        trains_fused = choose_forward_path(rows, d_in, d_out, capacity, dtype,
-                                                           training=True) == "fused"
                         for measuring in (False, True):
                             if not _fused_backward(capacity, dtype, measuring):
                                 continue
@@ -178,11 +176,16 @@ def _sd_launches(origin: List[str]):
                                 origin[0] = f"{tag}:backward:measuring={int(measuring)}:grad_x={int(grad_x)}"
                                 selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial, live_rank,
                                                               0.5, SD_BATCH, float(SD_BATCH), measuring, grad_x)
-                            if trains_fused and not measuring:
-                                origin[0] = f"{tag}:training_forward"
+                            # a training forward on the fused path keeps U (measuring, with the trial column);
+                            # its backward then skips the shrink
+                            if choose_forward_path(rows, d_in, d_out, capacity, dtype, training=True,
+                                                   measuring=measuring) == "fused" \
+                                    and (not measuring or keeps_trial_column(dtype_name, rows)):
+                                origin[0] = f"{tag}:training_forward:measuring={int(measuring)}"
+                                keep = (live_rank, trial) if measuring else (live_rank,)
                                 _, kept = selora_linear_forward_triton(x, weight, bias, lora_a, lora_b, 0.5,
-                                                                       keep=(live_rank,))
-                                origin[0] = f"{tag}:backward_kept"
+                                                                       keep=keep)
+                                origin[0] = f"{tag}:backward_kept:measuring={int(measuring)}"
                                 selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial, live_rank,
                                                               0.5, SD_BATCH, float(SD_BATCH), measuring, True,
                                                               kept=kept)
@@ -196,6 +199,7 @@ def _test_launches(origin: List[str]):
     if tests_dir not in sys.path:
         sys.path.insert(0, tests_dir)
     import selora_linear_cases as cases
+    from selora_kernels.kernels.launch_table import MAX_CAPACITY_SLOTS, SMALL_M
     from selora_kernels.kernels.selora_linear_backward import selora_linear_backward_triton as backward
     from selora_kernels.kernels.selora_linear_forward import selora_linear_forward_triton as forward
 
@@ -215,14 +219,22 @@ def _test_launches(origin: List[str]):
                     for measuring in (False, True):
                         origin[0] = f"{tag}:{name}:backward:measuring={int(measuring)}"
                         run_backward(case, samples, float(samples), measuring, True)
-                    origin[0] = f"{tag}:{name}:training_forward"
-                    _, kept = forward(case["x"], case["weight"], case["bias"], case["lora_a"], case["lora_b"], 0.5,
-                                      keep=(case["live_rank"],))
-                    for grad_x in (True, False):
-                        origin[0] = f"{tag}:{name}:backward_kept:grad_x={int(grad_x)}"
-                        backward(case["grad_y"], case["x"], case["weight"], case["lora_a"], case["lora_b"],
-                                 case["trial_row"], case["live_rank"], 0.5, samples, float(samples), False, grad_x,
-                                 kept=kept)
+                    for measuring in (False, True):
+                        if measuring:
+                            if capacity + 1 > MAX_CAPACITY_SLOTS or dtype_name == "fp32":
+                                continue
+                            # as tests/kernels does: enough samples for a measuring forward to keep (> SMALL_M)
+                            samples = samples * -(-(SMALL_M + 1) // (samples * tokens))
+                            case = cases.make_case(samples, tokens, d_in, d_out, capacity, rank, dtype)
+                        origin[0] = f"{tag}:{name}:training_forward:measuring={int(measuring)}"
+                        keep = (case["live_rank"], case["trial_row"]) if measuring else (case["live_rank"],)
+                        _, kept = forward(case["x"], case["weight"], case["bias"], case["lora_a"], case["lora_b"],
+                                          0.5, keep=keep)
+                        for grad_x in (True, False):
+                            origin[0] = f"{tag}:{name}:backward_kept:measuring={int(measuring)}:grad_x={int(grad_x)}"
+                            backward(case["grad_y"], case["x"], case["weight"], case["lora_a"], case["lora_b"],
+                                     case["trial_row"], case["live_rank"], 0.5, samples, float(samples), measuring,
+                                     grad_x, kept=kept)
                 case = cases.make_case(3, 11, 36, 26, 15, 6, dtype, seed=3)
                 origin[0] = f"{tag}:forward_strided_no_bias"
                 forward(torch.cat([case["x"], case["x"][:, :5]], dim=1)[:, :36], case["weight"].t().contiguous().t(),

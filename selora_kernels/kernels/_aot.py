@@ -52,11 +52,13 @@ def _forward_spec(config: LaunchConfig):
     # x (M,in) s=(in,1), W0^T view strides (1,in), A^T view (1,in), B^T view (1,cap)
     keep = bool(flags.get("KEEP", False))  # a training forward keeping U
     constexprs = dict(HAS_BIAS=bool(flags.get("HAS_BIAS", True)), MASK_LIVE=keep, EMIT_LOW_RANK=keep,
+                      HAS_TRIAL=bool(flags.get("TRIAL", False)),
                       R_PAD=config.r_pad, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k,
                       GROUP_M=launch_table.GROUP_M, DOT_PRECISION=flags.get("DOT_PRECISION", "tf32"),
                       stride_xk=1, stride_on=1, stride_wk=1, stride_rk=1, stride_er=1)
     pointer_types = {"x_ptr": dtype, "wt_ptr": dtype, "bias_ptr": dtype, "rank_in_ptr": dtype,
-                     "rank_out_ptr": dtype, "live_rank_ptr": "i64", "low_rank_ptr": "fp32", "out_ptr": dtype}
+                     "rank_out_ptr": dtype, "live_rank_ptr": "i64", "low_rank_ptr": "fp32", "out_ptr": dtype,
+                     "trial_ptr": dtype, "nonfinite_ptr": "fp32"}
     signature, attrs = aot_signature(fn.arg_names, pointer_types, constexprs)
     return fn, signature, constexprs, attrs
 

@@ -120,6 +120,13 @@ _FINALIZE_BLOCKS = Blocks(32, 64, 0, 4, 1)
 _COLLECT_BLOCKS = Blocks(0, 128, 0, 1, 1)  # one program: per-tile Fisher sums, 128 row counts per step
 
 
+def keeps_trial_column(dtype: str, rows: int) -> bool:
+    """Whether a measuring training forward keeps the trial column and counts non-finite rows (so the
+    backward skips its pass over x): half precision above the small-M tile. The fp32 forward tiles and the
+    small-M ones kept an 8 B stack frame with the count (sm_90 / sm_80); there the backward's shrink does it."""
+    return dtype in ("fp16", "bf16") and rows > SMALL_M
+
+
 def r_pad_for(slots: int) -> int:
     """Smallest capacity class holding `slots` slots (capacity, plus one while the trial slot is live)."""
     for r_pad in R_PADS:
@@ -187,9 +194,12 @@ def all_launch_configs() -> Iterator[LaunchConfig]:
                 dot = (("DOT_PRECISION", precision),)
                 for size in ("large", "small"):
                     for has_bias in (True, False):
-                        for keep in (False, True):  # inference, or a training forward keeping U
+                        # inference, a training forward keeping U, a measuring one keeping the trial column too
+                        for keep, trial in ((False, False), (True, False), (True, True)):
+                            if trial and not keeps_trial_column(dtype, SMALL_M + (size == "large")):
+                                continue
                             yield LaunchConfig("forward", dtype, r_pad, _GEMM_BLOCKS[(dtype, size)], size,
-                                               dot + (("HAS_BIAS", has_bias), ("KEEP", keep)))
+                                               dot + (("HAS_BIAS", has_bias), ("KEEP", keep), ("TRIAL", trial)))
                     for grouped in (True, False):  # row-tile groups inside a sample, or pieces split by sample
                         yield LaunchConfig("grad_x", dtype, r_pad, _GRAD_X_BLOCKS[(dtype, size)], size,
                                            dot + (("GROUPED", grouped),))

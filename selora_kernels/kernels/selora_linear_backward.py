@@ -11,8 +11,8 @@ Math (docs/algorithm.md, ops/reference.py), mask_k = [k < live_rank] read from a
 
 Launches (all deterministic: fixed-order reductions, no atomics):
   1. `_shrink_kernel`: U = x A_ext^T, where A_ext appends the trial row as slot `capacity` while measuring,
-     with each program's count of non-finite input rows. Skipped when a training forward that was not
-     measuring kept U (`kept`, selora_linear_forward.py).
+     with each program's count of non-finite input rows. Skipped when the training forward kept them
+     (`kept`, selora_linear_forward.py): the backward then reads x once, measuring or not.
   2. `_grad_x_reduce_kernel`, one program per (group of row tiles, input-column tile): dx = dy W0 + s P A
      (the forward's form mirrored), and from the same program dA's piece P^T x (the x tile of its output
      columns) and dB's piece U^T dy (its share of the output columns, from the group's dy rows it has just
@@ -25,7 +25,8 @@ Launches (all deterministic: fixed-order reductions, no atomics):
      an fp32 per-tile sum. Not measuring, it also zeroes the statistics tensor (no fill launch).
   4. While measuring, `_fisher_collect_kernel` sums the per-tile Fisher sums in tile order and the
      non-finite row counts, and writes the whole statistics tensor (layout: selora_kernels/fisher_stats.py).
-  2 launches not measuring when the forward kept U, 3 otherwise; 4 measuring (5 without grad_x).
+  After a fused training forward (which kept U): 2 launches, 3 measuring; one more (the shrink) after a
+  merged or compiled forward; without grad_x, P's shrink and the segment reduction replace grad_x.
 """
 from __future__ import annotations
 
@@ -297,14 +298,15 @@ def _finalize_grad_and_fisher_kernel(partial_ptr, grad_a_ptr, grad_b_ptr, fisher
 
 @triton.jit
 def _fisher_collect_kernel(tiles_a_ptr, tiles_b_ptr, nonfinite_ptr, fisher_ptr, num_tiles_a, num_tiles_b,
-                           num_shrink_programs, width, sample_count,
+                           num_counts, width, sample_count,
                            R_PAD: tl.constexpr, BLOCK: tl.constexpr):
     # row A = sum over dA tiles, row B = over dB tiles (fixed order),
-    # count row = (N, non-finite input rows = sum of the shrink programs' counts, 0, ..., 0)
+    # count row = (N, non-finite input rows = sum of the counts (the shrink's programs or the forward's row
+    # tiles), 0, ..., 0)
     offs = tl.arange(0, BLOCK)
     nonfinite = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, num_shrink_programs, BLOCK):
-        nonfinite += tl.load(nonfinite_ptr + start + offs, mask=start + offs < num_shrink_programs, other=0.0)
+    for start in range(0, num_counts, BLOCK):
+        nonfinite += tl.load(nonfinite_ptr + start + offs, mask=start + offs < num_counts, other=0.0)
     bad_rows = tl.sum(nonfinite, axis=0)
     slots = tl.arange(0, R_PAD)
     in_row = slots < width
@@ -455,9 +457,9 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
 
     x, grad_y: 2-D (M x in, M x out), any strides, one dtype (fp32/fp16/bf16) shared with weight, lora_a,
     lora_b and trial_row; live_rank: a 0-d integer device tensor (never read on the host). fisher is
-    fp32 in the layout of fisher_stats, zeros when not measuring. kept: what a training forward that was
-    not measuring kept (selora_linear_forward_triton's `keep`): (U,), so the shrink of U (a second read of
-    x) is skipped; None computes U here."""
+    fp32 in the layout of fisher_stats, zeros when not measuring. kept: what the training forward kept
+    (selora_linear_forward_triton's `keep`): (U,), or while measuring (U_ext, non-finite row counts), so
+    the shrink of U (a second read of x) is skipped; None computes them here."""
     rows, in_features = x.shape
     out_features = weight.shape[0]
     capacity = lora_a.shape[0]
@@ -485,10 +487,12 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
     segments = num_samples if measuring else 1
     plan = _ReducePlan(rows, in_features, out_features, dtype_name(x.dtype), segments, r_pad,
                        target_programs(device), compute_grad_x)
-    if kept is not None and (measuring or kept[0].shape != (rows, r_pad)):
-        raise ValueError(f"the kept forward tensors do not match this backward (U {tuple(kept[0].shape)}, "
-                         f"expected {(rows, r_pad)}, and none while measuring; measuring={measuring})")
-    shrink_programs = _shrink_programs(x)
+    if kept is not None and (len(kept) != 1 + measuring or kept[0].shape != (rows, r_pad)):
+        raise ValueError(f"the kept forward tensors do not match this backward ({len(kept)} tensors, U "
+                         f"{tuple(kept[0].shape)}; expected {1 + measuring}, U {(rows, r_pad)}: U, and the "
+                         f"non-finite row counts while measuring; measuring={measuring})")
+    # the non-finite row counts come from the shrink's programs, or from the forward's row tiles
+    count_programs = _shrink_programs(x) if kept is None else kept[-1].numel()
     # dA's pieces, then dB's, in one buffer: the finalize launch reads both
     partial_a, partial_b = plan.partial_shapes
     size_a = -(-math.prod(partial_a) // 4) * 4
@@ -496,13 +500,13 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
         **({"proj_grad": (rows, r_pad)} if not compute_grad_x else {}),  # P = (dy B) . mask
         **({"low_rank": (rows, r_pad)} if kept is None else {}),  # U = (x A_ext^T) . mask
         "partial": (size_a + math.prod(partial_b),),
-        **({"nonfinite": (shrink_programs,)} if measuring and kept is None else {}),
+        **({"nonfinite": (count_programs,)} if measuring and kept is None else {}),
         **({"fisher_tiles": (sum(plan.final_tiles), r_pad)} if measuring else {}),
     })
     partial = work["partial"]
     nonfinite = None
     if kept is not None:
-        low_rank, = kept
+        low_rank, nonfinite = kept[0], kept[1] if measuring else None
     else:
         # x pass: U first, so the dy pass can emit dB's pieces from the dy tiles it loads anyway
         low_rank, nonfinite = work["low_rank"], work["nonfinite"] if measuring else None
@@ -528,7 +532,7 @@ def selora_linear_backward_triton(grad_y, x, weight, lora_a, lora_b, trial_row, 
         final_a, final_b = plan.final_tiles
         collect = launch_table.blocks_for("fisher_collect", "fp32")
         _fisher_collect_kernel[(1,)](fisher_tiles, fisher_tiles[final_a:], nonfinite, fisher, final_a, final_b,
-                                     shrink_programs, fisher.shape[1], float(num_samples), R_PAD=r_pad,
+                                     count_programs, fisher.shape[1], float(num_samples), R_PAD=r_pad,
                                      BLOCK=collect.block_n, num_warps=collect.num_warps,
                                      num_stages=collect.num_stages)
     return grad_x, grad_a, grad_b, fisher

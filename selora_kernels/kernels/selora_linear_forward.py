@@ -57,10 +57,11 @@ def _fp32_rank_dot(low_rank, operand, acc, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def _fused_lowrank_matmul_kernel(
         x_ptr, wt_ptr, bias_ptr, rank_in_ptr, rank_out_ptr, live_rank_ptr, low_rank_ptr, out_ptr,
+        trial_ptr, nonfinite_ptr,
         rows, inner, cols, capacity, scale, col_group,
         stride_xm, stride_xk, stride_wk, stride_wn, stride_rk, stride_rr, stride_er, stride_en,
         stride_om, stride_on,
-        HAS_BIAS: tl.constexpr, MASK_LIVE: tl.constexpr, EMIT_LOW_RANK: tl.constexpr,
+        HAS_BIAS: tl.constexpr, MASK_LIVE: tl.constexpr, EMIT_LOW_RANK: tl.constexpr, HAS_TRIAL: tl.constexpr,
         R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # out = X Wt (+ bias) + s (mask . (X R)) E ; see the module docstring. One program per (row tile, group
@@ -91,15 +92,30 @@ def _fused_lowrank_matmul_kernel(
         k_ok = offs_k < inner - k * BLOCK_K
         x_tile = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         rank_tile = tl.load(rank_in_ptrs, mask=k_ok[:, None] & slot_ok[None, :], other=0.0)
+        if HAS_TRIAL:  # a measuring step: the trial row as slot `capacity` (its E row is zero)
+            trial = tl.load(trial_ptr + k * BLOCK_K + offs_k, mask=k_ok, other=0.0)
+            rank_tile = tl.where((slots == capacity)[None, :], trial[:, None], rank_tile)
         low_rank = tl.dot(x_tile, rank_tile, low_rank, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         rank_in_ptrs += BLOCK_K * stride_rk
     if MASK_LIVE:
         # Dead slots get exactly zero whatever their contents; the rank stays on the device (no sync).
-        low_rank = tl.where((slots < tl.load(live_rank_ptr))[None, :], low_rank, 0.0)
+        live = slots < tl.load(live_rank_ptr)
+        if HAS_TRIAL:
+            live = live | (slots == capacity)
+        low_rank = tl.where(live[None, :], low_rank, 0.0)
     if EMIT_LOW_RANK:
         if pid_g == 0:
             tl.store(low_rank_ptr + offs_m[:, None] * R_PAD + slots[None, :], low_rank, mask=row_ok[:, None])
+    if HAS_TRIAL:
+        # the row tile's count of rows of x holding inf/NaN, from the trial column (a non-finite entry
+        # times any weight, zero included, is inf or NaN; t - t is 0 when finite, NaN otherwise); stored by
+        # the first column group (a masked store: a branch here kept a stack frame)
+        trial_u = tl.sum(tl.where((slots == capacity)[None, :], low_rank, 0.0), axis=1)
+        finite_row = (trial_u - trial_u) == 0.0
+        bad_rows = tl.sum(tl.where(finite_row | ~row_ok, 0.0, 1.0), axis=0)
+        tl.store(nonfinite_ptr + pid_m + tl.arange(0, 1), tl.full((1,), bad_rows, tl.float32), mask=pid_g == 0)
+        low_rank = tl.where((slots == capacity)[None, :], 0.0, low_rank)  # never into y, even when not finite
     low_rank = low_rank * scale
 
     for pid_n in range(pid_g * col_group, tl.minimum(pid_g * col_group + col_group, tiles_n)):
@@ -148,22 +164,33 @@ def current_dot_precision(dtype: torch.dtype) -> str:
     return launch_table.dot_precision(dtype_name(dtype), torch.get_float32_matmul_precision())
 
 
+def forward_programs(rows: int, cols: int, dtype_name_: str, device: torch.device):
+    """(row tiles, column tiles per program, programs) of one forward launch."""
+    blocks = launch_table.blocks_for("forward", dtype_name_, rows)
+    tiles_m, tiles_n = triton.cdiv(rows, blocks.block_m), triton.cdiv(cols, blocks.block_n)
+    col_group = launch_table.column_group(tiles_m, tiles_n, target_programs(device) // 2)  # one wave
+    return tiles_m, col_group, tiles_m * triton.cdiv(tiles_n, col_group)
+
+
 def launch_fused_lowrank_matmul(x, wt_strides, wt, bias, rank_in, rank_in_strides, rank_out, rank_out_strides,
-                                live_rank, low_rank_out, out, inner, cols, capacity, scale, r_pad):
-    """The forward's launcher (all strides in elements, views described by hand)."""
+                                live_rank, low_rank_out, out, inner, cols, capacity, scale, r_pad, trial=None,
+                                nonfinite=None):
+    """The forward's launcher (all strides in elements, views described by hand). trial, nonfinite: a
+    measuring step's trial row (slot `capacity` of the kept U) and per-row-tile non-finite row counts."""
     rows = x.shape[0]
     name = dtype_name(x.dtype)
     blocks = launch_table.blocks_for("forward", name, rows)
-    tiles_m, tiles_n = triton.cdiv(rows, blocks.block_m), triton.cdiv(cols, blocks.block_n)
-    col_group = launch_table.column_group(tiles_m, tiles_n, target_programs(x.device) // 2)  # one wave
-    grid = (tiles_m * triton.cdiv(tiles_n, col_group),)
+    _, col_group, programs = forward_programs(rows, cols, name, x.device)
+    grid = (programs,)
     _fused_lowrank_matmul_kernel[grid](
         x, wt, bias if bias is not None else out, rank_in, rank_out,
         live_rank if live_rank is not None else out, low_rank_out if low_rank_out is not None else out, out,
+        trial if trial is not None else out, nonfinite if nonfinite is not None else out,
         rows, inner, cols, capacity, float(scale), col_group,
         x.stride(0), x.stride(1), wt_strides[0], wt_strides[1], rank_in_strides[0], rank_in_strides[1],
         rank_out_strides[0], rank_out_strides[1], out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, MASK_LIVE=live_rank is not None, EMIT_LOW_RANK=low_rank_out is not None,
+        HAS_TRIAL=trial is not None,
         R_PAD=r_pad, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
         GROUP_M=launch_table.GROUP_M, DOT_PRECISION=current_dot_precision(x.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages)
@@ -175,12 +202,14 @@ def selora_linear_forward_triton(x2d: torch.Tensor, weight: torch.Tensor, bias: 
 
     All tensors share one dtype (fp32/fp16/bf16) and device; any strides. Accumulation is fp32.
 
-    keep: None, or `(live_rank,)` for a training forward that is not measuring: then returns (y, kept),
-    kept = (U,) with U = (x A^T) masked to the live slots (M x R_PAD fp32), the rank product this kernel
-    computes for y anyway, which selora_linear_backward_triton takes as `kept` so that it does not read x
-    a second time. kept is None where nothing was launched. (While measuring the backward also needs the
-    trial column and the non-finite row counts: its own pass over x computes them; keeping them here
-    spilled under triton 3.6, fp16 at R_PAD 32.)"""
+    keep: None, or what a training forward keeps for selora_linear_backward_triton (its `kept`), so the
+    backward does not read x a second time; then returns (y, kept), kept None where nothing was launched.
+    - `(live_rank,)`, a step that is not measuring: kept = (U,), U = (x A^T) masked to the live slots
+      (M x R_PAD fp32), the rank product this kernel computes for y anyway;
+    - `(live_rank, trial_row)`, a measuring step where launch_table.keeps_trial_column (half precision,
+      more than SMALL_M rows): kept = (U_ext, nonfinite), U_ext with the trial column x . trial_row as
+      slot `capacity` (R_PAD holding capacity + 1 slots), nonfinite the per-row-tile counts of input rows
+      holding inf/NaN (fp32)."""
     rows, in_features = x2d.shape
     out_features = weight.shape[0]
     capacity = lora_a.shape[0]
@@ -191,13 +220,23 @@ def selora_linear_forward_triton(x2d: torch.Tensor, weight: torch.Tensor, bias: 
         return y if keep is None else (y, None)
     if bias is not None:
         bias = bias.contiguous()  # read as a unit-stride vector
-    r_pad = launch_table.r_pad_for(max(capacity, 1))
-    live_rank = low_rank = None
+    trial = keep[1].contiguous() if keep is not None and len(keep) > 1 else None  # a unit-stride vector
+    if trial is not None and not launch_table.keeps_trial_column(dtype_name(x2d.dtype), rows):
+        raise ValueError(f"a measuring forward keeps the trial column for half precision and more than "
+                         f"{launch_table.SMALL_M} rows only, got {x2d.dtype} and {rows} rows (forward_cuda "
+                         f"keeps nothing then)")
+    r_pad = launch_table.r_pad_for(max(capacity + (trial is not None), 1))
+    live_rank = low_rank = nonfinite = None
     if keep is not None:
         live_rank = keep[0].reshape(1)
         low_rank = torch.empty(rows, r_pad, dtype=torch.float32, device=x2d.device)
+        if trial is not None:
+            tiles_m = forward_programs(rows, out_features, dtype_name(x2d.dtype), x2d.device)[0]
+            nonfinite = torch.empty(tiles_m, dtype=torch.float32, device=x2d.device)
     launch_fused_lowrank_matmul(
         x2d, (weight.stride(1), weight.stride(0)), weight, bias,
         lora_a, (lora_a.stride(1), lora_a.stride(0)), lora_b, (lora_b.stride(1), lora_b.stride(0)),
-        live_rank, low_rank, y, in_features, out_features, capacity, scale, r_pad)
-    return y if keep is None else (y, (low_rank,))
+        live_rank, low_rank, y, in_features, out_features, capacity, scale, r_pad, trial, nonfinite)
+    if keep is None:
+        return y
+    return y, ((low_rank,) if trial is None else (low_rank, nonfinite))

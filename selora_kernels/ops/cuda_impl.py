@@ -10,7 +10,7 @@ docs/kernel_design.md, not yet measured on a GPU - revisit with bench/):
 | rule (first match)                                                    | path      |
 |-----------------------------------------------------------------------|-----------|
 | dtype not fp32/fp16/bf16, or capacity > 32 (largest Triton class)     | reference |
-| a training forward that is not measuring (it keeps U for the backward)| fused     |
+| a training forward (it keeps U for the fused backward)                | fused     |
 | M >= 4096 tokens and in x out >= 640 x 640                            | merged    |
 | otherwise                                                             | fused     |
 
@@ -47,6 +47,7 @@ TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 FORWARD_PATHS = ("fused", "merged", "reference")
 BACKWARD_PATHS = ("fused", "reference")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Merged forward threshold, outside training steps: the layer is compute-bound (roofline of
 # docs/kernel_design.md: d >= 640 at M = 32768).
 MERGED_MIN_ROWS = 4096
@@ -76,12 +77,13 @@ def _fits_triton(dtype: torch.dtype, slots: int) -> bool:
 
 
 def choose_forward_path(rows: int, in_features: int, out_features: int, capacity: int, dtype: torch.dtype,
-                        same_dtype: bool = True, training: bool = False) -> str:
+                        same_dtype: bool = True, training: bool = False, measuring: bool = False) -> str:
     """"fused", "merged" or "reference" for one forward call (table in the module docstring).
 
     same_dtype: x, W0, b0, A and B share `dtype` (else only the reference casts them). training: a training
-    forward that is not measuring (it keeps U for a fused backward). A path forced with `force_path`
-    replaces the table, but a fused launch the kernels cannot take still falls back."""
+    forward (it keeps U for a fused backward); measuring: its step measures the Fisher (the backward then
+    needs the trial slot too). A path forced with `force_path` replaces the table, but a fused launch the
+    kernels cannot take still falls back."""
     if not same_dtype:
         return "reference"
     forced = _forced_paths["forward"]
@@ -89,7 +91,7 @@ def choose_forward_path(rows: int, in_features: int, out_features: int, capacity
         return "reference" if forced == "fused" and not _fits_triton(dtype, capacity) else forced
     if not _fits_triton(dtype, capacity):
         return "reference"
-    if training and choose_backward_path(capacity, dtype, False) == "fused":
+    if training and choose_backward_path(capacity, dtype, measuring) == "fused":
         return "fused"
     if rows >= MERGED_MIN_ROWS and in_features * out_features >= MERGED_MIN_WEIGHT:
         return "merged"
@@ -122,14 +124,16 @@ def _same_dtype(*tensors) -> bool:
     return all(t is None or t.dtype == dtype for t in tensors)
 
 
-def forward_cuda(x, weight, bias, lora_a, lora_b, scale, live_rank, keep=False):
+def forward_cuda(x, weight, bias, lora_a, lora_b, scale, live_rank, keep=False, trial_row=None):
     """The CUDA kernel of `selora::linear`: same contract as ops.reference.forward_reference.
 
-    keep: True for a training forward that is not measuring: then returns (y, kept), kept being what the
-    fused forward kept for the backward ((U,); kernels/selora_linear_forward.py), or None on the other
-    paths."""
-    path = choose_forward_path(x.shape[0], x.shape[1], weight.shape[0], lora_a.shape[0], x.dtype,
-                               _same_dtype(x, weight, bias, lora_a, lora_b), training=keep)
+    keep: True for a training forward: then returns (y, kept), kept being what the fused forward kept for
+    the backward ((U,), or with trial_row, a measuring step's (U_ext, non-finite row counts);
+    kernels/selora_linear_forward.py), or None on the other paths."""
+    measuring = trial_row is not None
+    same_dtype = _same_dtype(x, weight, bias, lora_a, lora_b, trial_row)
+    path = choose_forward_path(x.shape[0], x.shape[1], weight.shape[0], lora_a.shape[0], x.dtype, same_dtype,
+                               training=keep, measuring=measuring)
     _last_paths["forward"] = path
     training = keep
     if path == "reference":
@@ -142,13 +146,16 @@ def forward_cuda(x, weight, bias, lora_a, lora_b, scale, live_rank, keep=False):
         # triton is optional: the kernel module (which imports it) loads on the first fused call
         from ..kernels.selora_linear_forward import selora_linear_forward_triton
 
-        # keep U only for a fused backward (the reference recomputes everything)
-        if not training or choose_backward_path(lora_a.shape[0], x.dtype, False) != "fused":
+        # keep U only for a fused backward (the reference recomputes everything); a measuring step keeps
+        # the trial column where the kernels do (launch_table.keeps_trial_column)
+        if not training or choose_backward_path(lora_a.shape[0], x.dtype, measuring, same_dtype) != "fused" \
+                or (measuring and not launch_table.keeps_trial_column(_DTYPE_NAMES[x.dtype], x.shape[0])):
             y = selora_linear_forward_triton(x, weight, bias, lora_a, lora_b, scale)
             return (y, None) if training else y
         if live_rank.device != x.device:
             live_rank = live_rank.to(x.device, non_blocking=True)
-        return selora_linear_forward_triton(x, weight, bias, lora_a, lora_b, scale, keep=(live_rank,))
+        keep_args = (live_rank,) if not measuring else (live_rank, trial_row)
+        return selora_linear_forward_triton(x, weight, bias, lora_a, lora_b, scale, keep=keep_args)
 
 
 def backward_cuda(grad_y, x, weight, lora_a, lora_b, trial_row, live_rank, scale, num_samples,

@@ -158,8 +158,8 @@ class SeLoRALinearFunction(torch.autograd.Function):
     """y = x W0^T + b0 + s (x A^T) B^T with the SeLoRA backward; what SeLoRALinear calls.
 
     fisher_probe: None, or the (3, capacity + 1) leaf whose gradient receives the Fisher statistics while
-    `measuring`. grad_enabled: torch.is_grad_enabled() at the call (a training forward that is not
-    measuring keeps U = x A^T for the fused backward, M x 16 or 32 fp32 values per layer). scale: a float, or (under torch.compile) a 0-d float64 CPU tensor holding s. W0 and b0 stay frozen (no gradient is computed for them)."""
+    `measuring`. grad_enabled: torch.is_grad_enabled() at the call (a training forward keeps U = x A^T for
+    the fused backward, M x 16 or 32 fp32 values per layer, with the trial column while measuring). scale: a float, or (under torch.compile) a 0-d float64 CPU tensor holding s. W0 and b0 stay frozen (no gradient is computed for them)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
@@ -174,9 +174,11 @@ class SeLoRALinearFunction(torch.autograd.Function):
         ctx.kept = False
         if isinstance(scale, Tensor):  # only the op takes s as a tensor (under torch.compile)
             y = torch.ops.selora.linear(x, weight, bias, lora_a, lora_b, 1.0, live_rank, scale)
-        elif grad_enabled and not ctx.measuring and keeps_forward_tensors(x, ctx.needs_input_grad):
-            # the fused forward keeps U = x A^T, so the backward reads x once (cuda_impl.forward_cuda)
-            y, kept = forward_cuda(x, weight, bias, lora_a, lora_b, scale, live_rank, keep=True)
+        elif grad_enabled and keeps_forward_tensors(x, ctx.needs_input_grad):
+            # the fused forward keeps U = x A^T (while measuring with the trial column and the non-finite
+            # row counts), so the backward reads x once (cuda_impl.forward_cuda)
+            y, kept = forward_cuda(x, weight, bias, lora_a, lora_b, scale, live_rank, keep=True,
+                                   trial_row=trial_row if ctx.measuring else None)
             if kept is not None:
                 ctx.kept = True
                 ctx.save_for_backward(x, weight, lora_a, lora_b, trial_row, live_rank, *kept)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 # ieee_fp32 is an autouse fixture: imported so that it applies here
+from selora_kernels.kernels.launch_table import SMALL_M
 from selora_linear_cases import (DTYPES, FISHER_REL_TOL, ON_GPU, REL_TOL, SHAPES, assert_rel_close,
                                  drives_interpreter, f64, ieee_fp32, make_case, needs_kernels,
                                  run_interpreter_suite)  # noqa: F401 (ieee_fp32: autouse fixture)
@@ -62,36 +63,48 @@ def test_backward_matches_float64(shape, dtype, measuring):
     _check_backward(case, dtype, num_samples, 0.5, float(num_samples), measuring, compute_grad_x=True)
 
 
-def _training_forward(case, scale=0.5):
-    """The fused forward of a training step that is not measuring: y and what it keeps for the backward."""
+def _training_forward(case, scale=0.5, measuring=False):
+    """The fused forward of a training step: y and what it keeps for the backward (a measuring step's
+    keeps the trial column and the non-finite row counts too)."""
     from selora_kernels.kernels.selora_linear_forward import selora_linear_forward_triton
 
+    keep = (case["live_rank"], case["trial_row"]) if measuring else (case["live_rank"],)
     return selora_linear_forward_triton(case["x"], case["weight"], case["bias"], case["lora_a"], case["lora_b"],
-                                        scale, keep=(case["live_rank"],))
+                                        scale, keep=keep)
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_backward_from_the_forwards_kept_u_matches_float64(shape, dtype):
-    """A training forward that is not measuring keeps U = x A^T (live slots): y is unchanged, U is the
-    float64 U, and the backward that skips its own pass over x for U matches the reference."""
+@pytest.mark.parametrize("measuring", [False, True], ids=["plain", "measuring"])
+def test_backward_from_the_forwards_kept_u_matches_float64(shape, dtype, measuring):
+    """A training forward keeps U = x A^T (live slots; measuring, the trial column x . trial_row too, and
+    the non-finite row counts): y is unchanged, U is the float64 U, and the backward that skips its own
+    pass over x matches the reference."""
     from selora_kernels.ops.reference import forward_reference
 
     _, num_samples, tokens, in_f, out_f, capacity, rank = shape
+    if measuring:
+        if dtype == torch.float32:
+            pytest.skip("a measuring fp32 forward keeps no trial column (launch_table.keeps_trial_column)")
+        # it keeps it above the small-M tile only: the same shape with enough samples
+        num_samples = num_samples * -(-(SMALL_M + 1) // (num_samples * tokens))
     case = make_case(num_samples, tokens, in_f, out_f, capacity, rank, dtype, seed=3, garbage_dead_slots=True)
-    y, kept = _training_forward(case)
+    y, kept = _training_forward(case, measuring=measuring)
     ref = f64(case)
     live_a, live_b = ref["lora_a"].clone(), ref["lora_b"].clone()
     live_a[rank:], live_b[:, rank:] = 0, 0  # the masked math: dead slots hold garbage here
     assert_rel_close(y, forward_reference(ref["x"], ref["weight"], ref["bias"], live_a, live_b, 0.5),
                      REL_TOL[dtype], "y")
-    low_rank, = kept
+    low_rank = kept[0]
     expected_u = torch.zeros(low_rank.shape, dtype=torch.float64)
     expected_u[:, :rank] = ref["x"] @ ref["lora_a"][:rank].t()
+    if measuring:
+        expected_u[:, capacity] = ref["x"] @ ref["trial_row"]
+        assert len(kept) == 2 and not kept[1].any()  # finite input: no row counted
     assert_rel_close(low_rank, expected_u, REL_TOL[dtype], "kept U")
     for compute_grad_x in (True, False):
-        _check_backward(case, dtype, num_samples, 0.5, float(num_samples), False, compute_grad_x,
+        _check_backward(case, dtype, num_samples, 0.5, float(num_samples), measuring, compute_grad_x,
                         what=f" (kept U, grad_x={compute_grad_x})", kept=kept)
 
 
@@ -105,6 +118,14 @@ def test_kept_u_must_match_the_backward():
             case["live_rank"], 0.5, 2, 2.0)
     with pytest.raises(ValueError, match="kept forward tensors"):
         selora_linear_backward_triton(*args, True, True, kept=kept)  # measuring needs the trial column
+    with pytest.raises(ValueError, match="keeps the trial column for half precision"):
+        _training_forward(case, measuring=True)  # fp32, 18 rows: no trial column kept
+    case = make_case(8, 9, 24, 20, 15, 3, torch.float16, seed=8)
+    _, measuring_kept = _training_forward(case, measuring=True)
+    args = (case["grad_y"], case["x"], case["weight"], case["lora_a"], case["lora_b"], case["trial_row"],
+            case["live_rank"], 0.5, 8, 8.0)
+    with pytest.raises(ValueError, match="kept forward tensors"):
+        selora_linear_backward_triton(*args, False, True, kept=measuring_kept)
 
 
 @needs_kernels
@@ -208,6 +229,16 @@ def test_backward_counts_non_finite_input_rows(rows_per_sample):
     fisher = selora_linear_backward_triton(*args, True, True)[3]
     expected = backward_reference(*args, True, True)[3]
     assert fisher[2, 0].item() == 2 and fisher[2, FISHER_COL_NONFINITE].item() == len(bad_rows)
+    # counted by the measuring training forward (half precision) instead of the shrink: the same row
+    half = {k: v.half() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in case.items()}
+    y, kept = _training_forward(half, measuring=True)
+    assert kept[1].sum().item() == len(bad_rows)
+    half_args = tuple(a.half() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+    kept_fisher = selora_linear_backward_triton(*half_args, True, True, kept=kept)[3]
+    assert kept_fisher[2, FISHER_COL_NONFINITE].item() == len(bad_rows)
+    finite = torch.ones(y.shape[0], dtype=torch.bool)
+    finite[bad_rows] = False
+    assert torch.isfinite(y[finite]).all()  # the trial column never reaches y
     assert expected[2, FISHER_COL_NONFINITE].item() == len(bad_rows)
     assert not fisher[2, FISHER_COL_NONFINITE + 1:].any()
     assert selora_linear_backward_triton(*args, False, True)[3].count_nonzero() == 0  # not measuring

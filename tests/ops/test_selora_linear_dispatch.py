@@ -194,26 +194,26 @@ def test_compiled_training_step_survives_growth_without_recompiling():
 @needs_kernels
 @pytest.mark.parametrize("measuring", [False, True], ids=["plain", "measuring"])
 def test_function_keeps_u_from_the_forward_for_the_fused_backward(monkeypatch, measuring):
-    """SeLoRALinearFunction on the fused path: a training forward that is not measuring keeps U and the
-    backward uses it (no second pass over x); measuring keeps nothing (the backward's own pass over x adds
-    the trial column and counts non-finite rows). Gradients and Fisher statistics match the reference
-    path's; under no_grad nothing is kept. (CPU tensors here: `keeps_forward_tensors` is widened to them,
-    as the interpreter runs them.)"""
+    """SeLoRALinearFunction on the fused path: a training forward keeps U (measuring, with the trial column
+    and the non-finite row counts) and the backward uses it (no second pass over x). Gradients and Fisher
+    statistics match the float64 reference path's; under no_grad nothing is kept. (CPU tensors here:
+    `keeps_forward_tensors` is widened to them, as the interpreter runs them.)"""
     from selora_kernels.ops import cuda_impl, selora_linear
     from selora_kernels.ops.selora_linear import SeLoRALinearFunction
 
-    case = make_case(3, 11, 24, 20, 15, 4, torch.float32, seed=9)
+    # fp16, 66 rows: a measuring forward keeps the trial column too (launch_table.keeps_trial_column)
+    case = make_case(3, 22, 24, 20, 15, 4, torch.float16, seed=9)
 
-    def run():
+    def run(case):
         leaves = {k: case[k].clone().requires_grad_(k in ("x", "lora_a", "lora_b")) for k in ("x", "lora_a", "lora_b")}
-        probe = torch.zeros(3, 16, requires_grad=True)
+        probe = torch.zeros(3, 16, requires_grad=True)  # fp32 statistics
         y = SeLoRALinearFunction.apply(leaves["x"], case["weight"], case["bias"], leaves["lora_a"], leaves["lora_b"],
                                        case["trial_row"], case["live_rank"], probe if measuring else None, 0.5, 3,
                                        3.0, measuring, torch.is_grad_enabled())
         (y * case["grad_y"][:, :20]).sum().backward()
         return y.detach(), leaves["x"].grad, leaves["lora_a"].grad, leaves["lora_b"].grad, probe.grad
 
-    expected = run()  # CPU tensors: the reference path
+    expected = run(f64(case))  # CPU float64 tensors: the reference path
     calls = []
     real_backward = cuda_impl.backward_cuda
 
@@ -225,19 +225,18 @@ def test_function_keeps_u_from_the_forward_for_the_fused_backward(monkeypatch, m
     monkeypatch.setattr(selora_linear, "backward_cuda", recording_backward)
     cuda_impl.force_path("forward", "fused")
     try:
-        kept_run = run()
+        kept_run = run(case)
         with torch.no_grad():  # inference keeps nothing: the forward returns y alone
             y = SeLoRALinearFunction.apply(case["x"], case["weight"], case["bias"], case["lora_a"], case["lora_b"],
                                            case["trial_row"], case["live_rank"], None, 0.5, 3, 3.0, False,
                                            torch.is_grad_enabled())
     finally:
         cuda_impl.force_path("forward", None)
-    # measuring: nothing kept, so the backward takes its usual choice (the reference for these CPU tensors)
-    assert (calls == []) if measuring else (len(calls) == 1 and calls[0][0].shape == (33, 16))
-    assert_rel_close(y, expected[0], REL_TOL[torch.float32], "no_grad y")
+    assert len(calls) == 1 and len(calls[0]) == 1 + measuring and calls[0][0].shape == (66, 16)
+    assert_rel_close(y, expected[0], REL_TOL[torch.float16], "no_grad y")
     for got, want, name in zip(kept_run, expected, ("y", "grad_x", "grad_a", "grad_b", "fisher")):
         if want is None:
             assert got is None, name
         else:
-            assert_rel_close(got, want, FISHER_REL_TOL[torch.float32] if name == "fisher" else REL_TOL[torch.float32],
+            assert_rel_close(got, want, FISHER_REL_TOL[torch.float16] if name == "fisher" else REL_TOL[torch.float16],
                              name)

@@ -126,12 +126,11 @@ def test_backward_model_counts_the_launches_the_launcher_makes(monkeypatch, meas
     lora_a, lora_b = torch.zeros(layer.capacity, layer.d_in, **t), torch.zeros(layer.d_out, layer.capacity, **t)
     trial, live_rank = torch.zeros(layer.d_in, **t), torch.tensor(layer.rank)
     kept_tensors, kept_holder = None, []
-    if kept and measuring:
-        pytest.skip("a measuring forward keeps nothing")
     if kept:  # what the fused training forward keeps (one launch, counted by the forward's model)
+        keep = (live_rank, trial) if measuring else (live_rank,)
         forward_launches, _, _ = _count_launches(
             monkeypatch, lambda: kept_holder.append(selora_linear_forward_triton(
-                x, weight, None, lora_a, lora_b, 0.5, keep=(live_rank,))[1]))
+                x, weight, None, lora_a, lora_b, 0.5, keep=keep)[1]))
         assert forward_launches == ["_fused_lowrank_matmul_kernel"]
         kept_tensors = kept_holder[0]
     args = (torch.zeros(layer.rows, layer.d_out, **t), x, weight, lora_a, lora_b, trial, live_rank, 0.5,
@@ -142,8 +141,9 @@ def test_backward_model_counts_the_launches_the_launcher_makes(monkeypatch, meas
     assert allocations == 5  # the four outputs and one workspace for every fp32 scratch buffer
     # no fill launch for the statistics: the collect kernel writes them measuring, the finalize zeroes them
     # otherwise. grad_x emits dA's and dB's pieces (no reduction launch of their own) and one finalize sums
-    # both: 2 launches after a forward that kept U, 3 otherwise, 4 measuring (shrink and collect added)
-    assert ops == [] and len(kernels) == (4 if measuring else 3) - kept
+    # both: 2 launches after a forward that kept U, 3 measuring (the collect), one more (the shrink)
+    # after a forward that kept nothing
+    assert ops == [] and len(kernels) == 2 + measuring + (not kept)
     assert kernels.count("_grad_x_reduce_kernel") == kernels.count("_finalize_grad_and_fisher_kernel") == 1
     assert "_segment_reduce_kernel" not in kernels
     assert ("_fisher_collect_kernel" in kernels) == measuring
