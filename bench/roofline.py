@@ -245,15 +245,13 @@ def ours_fused_backward(layer: Layer, measuring: bool, multiprocessors: int = 13
     """kernels/selora_linear_backward.py: shrink (U, with the trial column and non-finite counts while
     measuring; skipped when a fused training forward `kept` them), grad_x (dx, plus dA's and dB's pieces per
     group of row tiles), one finalize for both gradients, and the Fisher collect while measuring."""
-    from selora_kernels.kernels.selora_linear_backward import grad_x_groups
-
     m, i, o, e, d = layer.rows, layer.d_in, layer.d_out, layer.e, layer.dtype
     r_pad = launch_table.r_pad_for(statistics_width(layer.capacity, measuring))
     segments = layer.samples if measuring else 1
     blocks = launch_table.blocks_for("grad_x", d, m)
     tiles_in = math.ceil(i / blocks.block_n)
     row_tiles = math.ceil(m / blocks.block_m)
-    group, _ = grad_x_groups(m, i, d, m // segments, 2 * multiprocessors)
+    group, _ = launch_table.grad_x_groups(m, i, d, m // segments, 2 * multiprocessors)
     pieces = math.ceil(row_tiles / group) + segments - 1
     partials = pieces * r_pad * (i + o)  # fp32, dA's then dB's
     kernels = [] if kept else [

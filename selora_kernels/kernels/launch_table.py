@@ -164,6 +164,30 @@ def column_group(tiles_m: int, tiles_n: int, min_programs: int) -> int:
     return -(-tiles_n // groups)
 
 
+MIN_PIECE_ROWS = 64  # grad_x: rows per group at least (fp32 32-row tiles), see grad_x_groups
+
+
+def grad_x_groups(rows: int, d_in: int, dtype: str, segment_rows: int, target_programs: int) -> Tuple[int, bool]:
+    """(row tiles per group, grouped) of the grad_x launch: groups of whole row tiles, as many as keep about
+    `target_programs` programs busy, so each program sums its group into one piece per gradient (fewer fp32
+    pieces to write and read back than one per row tile). grouped: every group lies inside one sample; when
+    a row tile crosses a sample boundary, groups are single tiles that split their pieces by sample."""
+    blocks = blocks_for("grad_x", dtype, rows)
+    tiles_m = -(-rows // blocks.block_m)
+    # at least MIN_PIECE_ROWS rows per piece, whatever the program count: the pieces cost 8 R_PAD bytes per
+    # column and group, against 2 or 4 bytes per column and row of x and dy
+    group = max(tiles_m * -(-d_in // blocks.block_n) // max(1, target_programs),
+                -(-MIN_PIECE_ROWS // blocks.block_m))
+    group = max(1, min(tiles_m, group))
+    if segment_rows >= rows:  # one sample: any grouping
+        return group, True
+    if segment_rows % blocks.block_m:
+        return 1, False
+    while (segment_rows // blocks.block_m) % group:
+        group -= 1
+    return group, True
+
+
 def segment_chunks(segment_rows: int, segments: int, column_tiles: int, blocks: Blocks,
                    target_programs: int) -> Tuple[int, int]:
     """(chunks per sample, rows per chunk) of dA's segment reduction over `column_tiles` column tiles: about `target_programs` programs in all (two waves on a GPU), chunk boundaries on

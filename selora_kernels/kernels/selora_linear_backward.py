@@ -17,8 +17,8 @@ Launches (all deterministic: fixed-order reductions, no atomics):
      (the forward's form mirrored), and from the same program dA's piece P^T x (the x tile of its output
      columns) and dB's piece U^T dy (its share of the output columns, from the group's dy rows it has just
      streamed: L2). A group sums its row tiles into one piece per gradient (inside one sample while
-     measuring; `grad_x_groups` sizes groups to keep about two waves of programs), so the backward reads x
-     and dy once each and writes few fp32 pieces. Where x needs no gradient, `_shrink_kernel` computes
+     measuring; launch_table.grad_x_groups sizes groups for about two waves of programs), so the backward
+     reads x and dy once each and writes few fp32 pieces. Where x needs no gradient, `_shrink_kernel` computes
      P = dy B with dB's pieces per row tile and `_segment_reduce_kernel` dA's pieces (chunks per sample).
   3. `_finalize_grad_and_fisher_kernel`, one launch for both gradients: per (depth tile, slot) sums each
      sample's pieces (32 per load), adds the sum into the gradient and, when FISHER, squares (c g_i)^2 into
@@ -39,7 +39,8 @@ import triton.language as tl
 from ..fisher_stats import (FISHER_COL_NONFINITE, FISHER_COL_SAMPLES, FISHER_ROW_A, FISHER_ROW_B,
                             FISHER_ROW_COUNT, statistics_shape, statistics_width)
 from . import launch_table
-from .selora_linear_forward import _fp32_rank_dot, current_dot_precision, dtype_name, target_programs
+from .selora_linear_forward import (_fp32_rank_dot, _nonfinite_rows, current_dot_precision, dtype_name,
+                                    target_programs)
 
 # The statistics layout as compile-time constants of _fisher_collect_kernel (jit functions read only
 # constexpr globals).
@@ -92,13 +93,8 @@ def _shrink_kernel(x_ptr, slot_rows_ptr, trial_row_ptr, live_rank_ptr, out_ptr, 
             _store_sample_pieces(u_t, x_tile, partial_ptr, pid, offs_m, k * BLOCK_K + offs_k, k_ok, rows,
                                  segment_rows, depth, R_PAD, BLOCK_M, DOT_PRECISION)
             x_ptrs += BLOCK_K * stride_xd
-    if HAS_TRIAL:
-        # measuring: count the rows of x holding inf/NaN. Their trial column x . trial_row is not finite (a
-        # non-finite entry times any weight, zero included, is inf or NaN); the live columns are left out so
-        # that a diverged adapter is not blamed on the input. t - t is 0 when finite, NaN otherwise.
-        trial_u = tl.sum(tl.where((slots == capacity)[None, :], acc, 0.0), axis=1)
-        finite_row = (trial_u - trial_u) == 0.0
-        tl.store(nonfinite_ptr + pid, tl.sum(tl.where(finite_row | ~row_ok, 0.0, 1.0), axis=0))
+    if HAS_TRIAL:  # measuring: this row tile's count of non-finite input rows
+        tl.store(nonfinite_ptr + pid, _nonfinite_rows(acc, slots, capacity, row_ok))
 
 
 @triton.jit
@@ -359,30 +355,6 @@ def _shrink(x, slot_rows, slot_strides, trial_row, live_rank, out, nonfinite, ca
         num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
-MIN_PIECE_ROWS = 64
-
-
-def grad_x_groups(rows: int, d_in: int, dtype_name_: str, segment_rows: int, target_programs: int):
-    """(row tiles per group, grouped) of the grad_x launch: groups of whole row tiles, as many as keep about
-    `target_programs` programs busy, so each program sums its group into one piece per gradient (fewer fp32
-    pieces to write and read back than one per row tile). grouped: every group lies inside one sample; when
-    a row tile crosses a sample boundary, groups are single tiles that split their pieces by sample."""
-    blocks = launch_table.blocks_for("grad_x", dtype_name_, rows)
-    tiles_m = triton.cdiv(rows, blocks.block_m)
-    # at least MIN_PIECE_ROWS rows per piece (fp32 32-row tiles), whatever the program count: the pieces
-    # cost 8 R_PAD bytes per column and group, against 2 or 4 bytes per column and row of x and dy
-    group = max(tiles_m * triton.cdiv(d_in, blocks.block_n) // max(1, target_programs),
-                triton.cdiv(MIN_PIECE_ROWS, blocks.block_m))
-    group = max(1, min(tiles_m, group))
-    if segment_rows >= rows:  # one sample: any grouping
-        return group, True
-    if segment_rows % blocks.block_m:
-        return 1, False
-    while (segment_rows // blocks.block_m) % group:
-        group -= 1
-    return group, True
-
-
 class _ReducePlan:
     """Where dA's and dB's per-sample partials come from and how the finalize launch sums them.
 
@@ -397,8 +369,8 @@ class _ReducePlan:
         self.final_tiles = (triton.cdiv(depth_a, self.final.block_n), triton.cdiv(depth_b, self.final.block_n))
         if compute_grad_x:
             self.grad_x = launch_table.blocks_for("grad_x", dtype_name_, rows)
-            self.group_tiles, self.grouped = grad_x_groups(rows, depth_a, dtype_name_, self.segment_rows,
-                                                           target_programs)
+            self.group_tiles, self.grouped = launch_table.grad_x_groups(rows, depth_a, dtype_name_,
+                                                                        self.segment_rows, target_programs)
             self.piece_rows_a = self.piece_rows_b = self.group_tiles * self.grad_x.block_m
             self.chunks = 1
             pieces = triton.cdiv(triton.cdiv(rows, self.grad_x.block_m), self.group_tiles) + segments - 1

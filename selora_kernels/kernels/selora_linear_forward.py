@@ -55,6 +55,17 @@ def _fp32_rank_dot(low_rank, operand, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _nonfinite_rows(low_rank, slots, capacity, row_ok):
+    """How many rows of x hold inf/NaN, from the trial column (slot `capacity`) of the rank product
+    low_rank = x A_ext^T: a non-finite entry times any weight, zero included, is inf or NaN; the live
+    columns are left out so that a diverged adapter is not blamed on the input. t - t is 0 when finite,
+    NaN otherwise."""
+    trial_u = tl.sum(tl.where((slots == capacity)[None, :], low_rank, 0.0), axis=1)
+    finite_row = (trial_u - trial_u) == 0.0
+    return tl.sum(tl.where(finite_row | ~row_ok, 0.0, 1.0), axis=0)
+
+
+@triton.jit
 def _fused_lowrank_matmul_kernel(
         x_ptr, wt_ptr, bias_ptr, rank_in_ptr, rank_out_ptr, live_rank_ptr, low_rank_ptr, out_ptr,
         trial_ptr, nonfinite_ptr,
@@ -108,12 +119,9 @@ def _fused_lowrank_matmul_kernel(
         if pid_g == 0:
             tl.store(low_rank_ptr + offs_m[:, None] * R_PAD + slots[None, :], low_rank, mask=row_ok[:, None])
     if HAS_TRIAL:
-        # the row tile's count of rows of x holding inf/NaN, from the trial column (a non-finite entry
-        # times any weight, zero included, is inf or NaN; t - t is 0 when finite, NaN otherwise); stored by
-        # the first column group (a masked store: a branch here kept a stack frame)
-        trial_u = tl.sum(tl.where((slots == capacity)[None, :], low_rank, 0.0), axis=1)
-        finite_row = (trial_u - trial_u) == 0.0
-        bad_rows = tl.sum(tl.where(finite_row | ~row_ok, 0.0, 1.0), axis=0)
+        # the row tile's count of non-finite input rows, stored by the first column group (a masked store:
+        # a branch here kept a stack frame)
+        bad_rows = _nonfinite_rows(low_rank, slots, capacity, row_ok)
         tl.store(nonfinite_ptr + pid_m + tl.arange(0, 1), tl.full((1,), bad_rows, tl.float32), mask=pid_g == 0)
         low_rank = tl.where((slots == capacity)[None, :], 0.0, low_rank)  # never into y, even when not finite
     low_rank = low_rank * scale

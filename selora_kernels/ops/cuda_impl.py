@@ -47,7 +47,6 @@ TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 FORWARD_PATHS = ("fused", "merged", "reference")
 BACKWARD_PATHS = ("fused", "reference")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Merged forward threshold, outside training steps: the layer is compute-bound (roofline of
 # docs/kernel_design.md: d >= 640 at M = 32768).
 MERGED_MIN_ROWS = 4096
@@ -144,12 +143,12 @@ def forward_cuda(x, weight, bias, lora_a, lora_b, scale, live_rank, keep=False, 
             y = merged_forward(x, weight, bias, lora_a, lora_b, scale)
             return (y, None) if training else y
         # triton is optional: the kernel module (which imports it) loads on the first fused call
-        from ..kernels.selora_linear_forward import selora_linear_forward_triton
+        from ..kernels.selora_linear_forward import dtype_name, selora_linear_forward_triton
 
         # keep U only for a fused backward (the reference recomputes everything); a measuring step keeps
         # the trial column where the kernels do (launch_table.keeps_trial_column)
         if not training or choose_backward_path(lora_a.shape[0], x.dtype, measuring, same_dtype) != "fused" \
-                or (measuring and not launch_table.keeps_trial_column(_DTYPE_NAMES[x.dtype], x.shape[0])):
+                or (measuring and not launch_table.keeps_trial_column(dtype_name(x.dtype), x.shape[0])):
             y = selora_linear_forward_triton(x, weight, bias, lora_a, lora_b, scale)
             return (y, None) if training else y
         if live_rank.device != x.device:

@@ -141,13 +141,13 @@ def test_backward_sums_groups_of_row_tiles_into_one_piece(monkeypatch, dtype, me
     monkeypatch.setattr(bwd, "target_programs", lambda device: 4)  # 8 row tiles, 1 column tile: groups of 2
     block_m = launch_table.blocks_for("grad_x", dtype_name(dtype), 1000).block_m
     samples, tokens = (4, 2 * block_m) if measuring else (1, 7 * block_m + 5)
-    assert bwd.grad_x_groups(samples * tokens, 20, dtype_name(dtype), tokens, 4) == (2, True)
+    assert launch_table.grad_x_groups(samples * tokens, 20, dtype_name(dtype), tokens, 4) == (2, True)
     _check_backward(make_case(samples, tokens, 20, 24, 15, 5, dtype, seed=11), dtype, samples, 0.5, 2.0,
                     measuring, True)
 
 
 def test_grad_x_groups_never_cross_a_sample():
-    from selora_kernels.kernels.selora_linear_backward import grad_x_groups
+    from selora_kernels.kernels.launch_table import grad_x_groups
 
     # SD level 1, batch 8, bf16 (128-row tiles, 5 column tiles), two waves of an H100: 4 tiles per group
     assert grad_x_groups(32768, 320, "bf16", 32768, 264) == (4, True)
